@@ -1,0 +1,1 @@
+"""The ``device-sdk`` command. Thin: it parses arguments, calls the library and prints."""

@@ -1,0 +1,87 @@
+"""Entry point of the ``device-sdk`` command.
+
+Each command group lives in its own module under ``device_sdk.cli`` and exposes
+``register(subparsers)``; the library never prints or exits, this module does. A
+``DeviceSDKError`` becomes one readable line on stderr and exit status 1; ``--debug`` adds the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+
+from device_sdk.errors import DeviceSDKError
+
+# Command group modules, each with a register(subparsers) function. A module that is missing
+# (its extra is not installed) is left out of the command list instead of breaking the CLI.
+COMMAND_MODULES = (
+    "device_sdk.cli.softhsm",
+    "device_sdk.cli.keys",
+    "device_sdk.cli.verifier",
+    "device_sdk.cli.provision",
+    "device_sdk.cli.login",
+    "device_sdk.cli.info",
+    "device_sdk.cli.demo",
+)
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="device-sdk",
+        description="Hardware-held device identity: keys, provisioning, login and the verifier.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        status = args.handler(args)
+    except DeviceSDKError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"device-sdk: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except ModuleNotFoundError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"device-sdk: error: missing Python package {exc.name!r}; "
+            "install the extra that provides it, for example: pip install 'device-sdk[all]'",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("device-sdk: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The exception tree of device-sdk.
+
+Every error the library raises on purpose derives from :class:`DeviceSDKError`. Messages say what
+failed, on which value, and what to do next; they never contain a PIN, token or private key.
+
+::
+
+    DeviceSDKError
+    ├── ConfigError                  invalid input: URI, config file, option, manifest row
+    │   └── URIError                 a pkcs11:, tpm2: or serial: URI that does not parse
+    ├── KeyStoreError                a key backend failed
+    │   ├── Pkcs11Error              a PKCS#11 call failed: operation, token label, CKR_ code
+    │   │   ├── TokenNotPresentError     token removed or not found, even after one retry
+    │   │   ├── PinError                 login failed
+    │   │   │   ├── PinIncorrectError        CKR_PIN_INCORRECT: never retried
+    │   │   │   └── PinLockedError           CKR_PIN_LOCKED, or FINAL_TRY before an unattended login
+    │   │   └── MechanismNotSupportedError   the token lacks a mechanism the operation needs
+    │   ├── KeyNotFoundError         no key matches the URI
+    │   ├── AmbiguousKeyError        more than one key matches the URI
+    │   ├── KeyExistsError           a key with that label or id already exists
+    │   ├── KeyExportError           export of a hardware key was requested
+    │   ├── KeyPolicyError           a key is extractable or otherwise unsafe to use
+    │   ├── SoftHSMError             SoftHSM library, config or token store problem
+    │   ├── TPMError                 a TPM 2.0 command failed
+    │   └── SerialLinkError          the serial secure element link failed
+    ├── ProtocolError                a challenge, assertion or token is malformed or unusable
+    │   └── VerificationError        the verifier rejected an assertion; ``reason`` says why
+    ├── TransportError               an HTTP or MQTT exchange failed
+    │   └── LoginError               the server refused the login
+    └── ProvisioningError            a provisioning step failed; ``step`` names it
+"""
+
+from __future__ import annotations
+
+
+class DeviceSDKError(Exception):
+    """Base class of every error raised on purpose by device-sdk."""
+
+
+class ConfigError(DeviceSDKError):
+    """Invalid input from a user: a URI, config file, option or manifest row."""
+
+
+class URIError(ConfigError):
+    """A key URI that does not parse or names an unsupported attribute."""
+
+
+class KeyStoreError(DeviceSDKError):
+    """A key backend failed."""
+
+
+class Pkcs11Error(KeyStoreError):
+    """A PKCS#11 call failed.
+
+    ``operation`` is the PKCS#11 function or SDK step (``C_Sign``), ``token`` the token label and
+    ``rv`` the CK_RV return code when one is known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str | None = None,
+        token: str | None = None,
+        rv: int | None = None,
+        rv_name: str | None = None,
+    ) -> None:
+        self.operation = operation
+        self.token = token
+        self.rv = rv
+        self.rv_name = rv_name
+        parts = []
+        if operation:
+            parts.append(operation)
+        if token is not None:
+            parts.append(f"on token {token!r}")
+        prefix = " ".join(parts)
+        code = ""
+        if rv is not None:
+            code = f"{rv_name or 'CKR_?'} (0x{rv:X})"
+        text = ": ".join(p for p in (prefix, code, message) if p)
+        super().__init__(text)
+
+
+class TokenNotPresentError(Pkcs11Error):
+    """The token was removed or cannot be found, even after finding it again once."""
+
+
+class PinError(Pkcs11Error):
+    """Login to the token failed."""
+
+
+class PinIncorrectError(PinError):
+    """The PIN was wrong. The SDK never retries it, so the token's retry counter is spared."""
+
+
+class PinLockedError(PinError):
+    """The PIN is locked, or one more wrong try would lock it; an unattended login stops here."""
+
+
+class MechanismNotSupportedError(Pkcs11Error):
+    """The token lacks a mechanism that the operation needs."""
+
+
+class KeyNotFoundError(KeyStoreError):
+    """No key matches the URI."""
+
+
+class AmbiguousKeyError(KeyStoreError):
+    """More than one key matches the URI."""
+
+
+class KeyExistsError(KeyStoreError):
+    """A key with that label or id already exists on the token."""
+
+
+class KeyExportError(KeyStoreError):
+    """Export of a hardware-held private key was requested; the hardware never releases it."""
+
+
+class KeyPolicyError(KeyStoreError):
+    """A key fails the SDK's safety policy, for example it is extractable."""
+
+
+class SoftHSMError(KeyStoreError):
+    """The SoftHSM library, its config file or its token directory has a problem."""
+
+
+class TPMError(KeyStoreError):
+    """A TPM 2.0 command failed."""
+
+
+class SerialLinkError(KeyStoreError):
+    """The link to the serial secure element failed."""
+
+
+class ProtocolError(DeviceSDKError):
+    """A challenge, assertion or access token is malformed or cannot be used."""
+
+
+class VerificationError(ProtocolError):
+    """The verifier rejected an assertion.
+
+    ``reason`` is a stable machine-readable code (``replayed``, ``expired``, ...) for logs and
+    metrics; callers on the network only ever see a plain 401.
+    """
+
+    def __init__(self, reason: str, detail: str = "", *, device_id: str | None = None) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.device_id = device_id
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class TransportError(DeviceSDKError):
+    """An HTTP or MQTT exchange failed."""
+
+
+class LoginError(TransportError):
+    """The server refused the login."""
+
+
+class ProvisioningError(DeviceSDKError):
+    """A provisioning step failed; ``step`` names it."""
+
+    def __init__(self, message: str, *, step: str | None = None) -> None:
+        self.step = step
+        super().__init__(f"{step}: {message}" if step else message)
