@@ -9,7 +9,7 @@ setup:
 	bash scripts/setup.sh
 
 lint: setup
-	$(BIN)/ruff check device_sdk tests bench
+	$(BIN)/ruff check $(wildcard device_sdk tests bench)
 
 typecheck: setup
 	$(BIN)/mypy
