@@ -26,7 +26,8 @@ failed, on which value, and what to do next; they never contain a PIN, token or 
     ├── ProtocolError                a challenge, assertion or token is malformed or unusable
     │   └── VerificationError        the verifier rejected an assertion; ``reason`` says why
     ├── TransportError               an HTTP or MQTT exchange failed
-    │   └── LoginError               the server refused the login
+    │   ├── LoginError               the server refused the login
+    │   └── PasswordTooLongError     an MQTT password exceeds the MQTT or broker limit
     └── ProvisioningError            a provisioning step failed; ``step`` names it
 """
 
@@ -145,10 +146,19 @@ class VerificationError(ProtocolError):
     metrics; callers on the network only ever see a plain 401.
     """
 
-    def __init__(self, reason: str, detail: str = "", *, device_id: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        *,
+        device_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         self.reason = reason
         self.detail = detail
         self.device_id = device_id
+        # Seconds until a rate-limited caller may try again (``reason == "rate_limited"``).
+        self.retry_after = retry_after
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
@@ -157,7 +167,34 @@ class TransportError(DeviceSDKError):
 
 
 class LoginError(TransportError):
-    """The server refused the login."""
+    """The server refused the login.
+
+    ``status_code`` is the HTTP status of the answer when there was one, and ``retry_after`` the
+    seconds the server asked the device to wait (HTTP 429 with ``Retry-After``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.status_code = status_code
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class PasswordTooLongError(TransportError):
+    """An MQTT CONNECT password is longer than MQTT or the configured broker allows.
+
+    ``length`` and ``limit`` are in bytes.
+    """
+
+    def __init__(self, message: str, *, length: int, limit: int) -> None:
+        self.length = length
+        self.limit = limit
+        super().__init__(message)
 
 
 class ProvisioningError(DeviceSDKError):

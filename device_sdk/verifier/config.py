@@ -1,0 +1,133 @@
+"""Configuration of a :class:`~device_sdk.verifier.core.Verifier`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from device_sdk.auth.assertion import is_tls_audience
+from device_sdk.auth.challenge import MAX_CHALLENGE_LIFETIME
+from device_sdk.auth.channel_binding import tls_server_end_point
+from device_sdk.auth.flows import TOKEN_PATH
+from device_sdk.errors import ConfigError
+from device_sdk.verifier.jws import MAX_ASSERTION_BYTES
+from device_sdk.verifier.ratelimit import RateLimit
+from device_sdk.verifier.signatures import SUPPORTED_ALGORITHMS
+
+MAX_LEEWAY = 300
+MAX_ACCESS_TOKEN_LIFETIME = 3600
+
+
+def channel_bindings_from_pem(*paths: str | Path) -> frozenset[bytes]:
+    """Return the ``tls-server-end-point`` values of the certificates in PEM files.
+
+    Give every certificate the server may present, the old and the new one during a rotation.
+    Only the first certificate of each file (the leaf) is used; the rest is the chain.
+    """
+    values = set()
+    for path in paths:
+        try:
+            certificate = x509.load_pem_x509_certificates(Path(path).read_bytes())[0]
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read a PEM certificate from {path}: {exc}") from None
+        values.add(tls_server_end_point(certificate.public_bytes(serialization.Encoding.DER)))
+    return frozenset(values)
+
+
+def _check_audience_url(url: str, what: str) -> None:
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        raise ConfigError(f"{what} {url!r} is not an absolute URL such as https://host:port")
+
+
+def _check_bindings(url: str, bindings: frozenset[bytes], what: str) -> None:
+    if is_tls_audience(url) and not bindings:
+        raise ConfigError(
+            f"{what} {url} is a TLS URL but no certificate hashes are configured; pass the "
+            "tls-server-end-point values of its certificates (channel_bindings_from_pem)"
+        )
+    if not is_tls_audience(url) and bindings:
+        raise ConfigError(f"{what} {url} is not a TLS URL, so it takes no channel bindings")
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    """Settings of a verifier. Times are in seconds.
+
+    ``issuer`` is the verifier's public URL, which is also the ``aud`` of HTTP login assertions;
+    ``http_channel_bindings`` holds the ``tls-server-end-point`` values of every certificate it
+    may present (several during a rotation). ``broker_audiences`` maps each broker URL to the
+    values of that broker's certificates. A non-TLS URL (``http:``, ``mqtt:``) takes an empty
+    set, and its assertions must then carry no ``cb``. ``nonceless_audiences`` lists broker URLs
+    that also accept the weaker assertions without a challenge nonce. A rate limit of None is off.
+    """
+
+    issuer: str
+    http_channel_bindings: frozenset[bytes] = frozenset()
+    broker_audiences: Mapping[str, frozenset[bytes]] = field(default_factory=dict)
+    token_url: str | None = None
+    leeway: int = 30
+    challenge_lifetime: int = 60
+    access_token_lifetime: int = 300
+    enrollment_token_lifetime: int | None = 7 * 24 * 3600
+    algorithms: frozenset[str] = SUPPORTED_ALGORITHMS
+    max_assertion_bytes: int = MAX_ASSERTION_BYTES
+    challenge_limit_per_device: RateLimit | None = RateLimit(capacity=10, per_second=1 / 6)
+    challenge_limit_per_address: RateLimit | None = RateLimit(capacity=60, per_second=1.0)
+    failure_limit_per_device: RateLimit | None = RateLimit(capacity=10, per_second=1 / 30)
+    nonceless_audiences: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        _check_audience_url(self.issuer, "issuer")
+        _check_bindings(self.issuer, self.http_channel_bindings, "issuer")
+        for url, bindings in self.broker_audiences.items():
+            _check_audience_url(url, "broker audience")
+            _check_bindings(url, bindings, "broker audience")
+        if self.issuer in self.broker_audiences:
+            raise ConfigError(f"{self.issuer} is both the issuer and a broker audience")
+
+        unknown = self.nonceless_audiences - set(self.broker_audiences)
+        if unknown:
+            raise ConfigError(f"nonceless audiences {sorted(unknown)} are not broker audiences")
+        unsupported = self.algorithms - SUPPORTED_ALGORITHMS
+        if unsupported or not self.algorithms:
+            raise ConfigError(
+                f"algorithms {sorted(unsupported)} are not supported; "
+                f"choose from {sorted(SUPPORTED_ALGORITHMS)}"
+            )
+
+        if not 1 <= self.challenge_lifetime <= MAX_CHALLENGE_LIFETIME:
+            raise ConfigError(
+                f"challenge lifetime {self.challenge_lifetime} s is outside "
+                f"1..{MAX_CHALLENGE_LIFETIME} s"
+            )
+        if not 0 <= self.leeway <= MAX_LEEWAY:
+            raise ConfigError(f"leeway {self.leeway} s is outside 0..{MAX_LEEWAY} s")
+        if not 1 <= self.access_token_lifetime <= MAX_ACCESS_TOKEN_LIFETIME:
+            raise ConfigError(
+                f"access token lifetime {self.access_token_lifetime} s is outside "
+                f"1..{MAX_ACCESS_TOKEN_LIFETIME} s"
+            )
+        if self.max_assertion_bytes < 512:
+            raise ConfigError(f"max assertion size {self.max_assertion_bytes} is below 512 bytes")
+
+    @property
+    def expected_token_url(self) -> str:
+        """The ``htu`` an HTTP login assertion must carry: ``token_url`` or issuer + /v1/token."""
+        return self.token_url or self.issuer.rstrip("/") + TOKEN_PATH
+
+    def channel_bindings_for(self, audience: str) -> frozenset[bytes] | None:
+        """Return the accepted channel bindings of an audience, or None if it is not served."""
+        if audience == self.issuer:
+            return self.http_channel_bindings
+        return self.broker_audiences.get(audience)
+
+    @property
+    def audiences(self) -> Iterable[str]:
+        """Every audience this verifier issues challenges for."""
+        return (self.issuer, *self.broker_audiences)

@@ -1,0 +1,683 @@
+"""The verifier: issues challenges, checks assertions, signs access tokens, enrolls devices.
+
+Pure Python with no web framework: the ASGI app, the broker plugins and the CLI call this class.
+Every decision is written to the audit log (:mod:`device_sdk.verifier.audit`), and every
+rejection raises :class:`~device_sdk.errors.VerificationError` whose ``reason`` is one of the
+codes in ``docs/protocol.md``. Callers on the network must only ever see a plain 401.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from device_sdk.auth.assertion import ASSERTION_TYPE, MAX_ASSERTION_LIFETIME, new_jti
+from device_sdk.auth.challenge import NONCE_BYTES, Challenge
+from device_sdk.auth.encoding import b64url_decode, b64url_encode
+from device_sdk.auth.flows import MAX_NONCELESS_LIFETIME
+from device_sdk.errors import ProtocolError, VerificationError
+from device_sdk.keys.base import compute_device_id
+from device_sdk.verifier.audit import log_decision
+from device_sdk.verifier.config import VerifierConfig
+from device_sdk.verifier.jws import parse_compact_jws
+from device_sdk.verifier.ratelimit import TokenBucketLimiter
+from device_sdk.verifier.registry import (
+    ACTIVE,
+    REVOKED,
+    DeviceRecord,
+    DeviceRegistry,
+    SQLiteDeviceRegistry,
+    hash_enrollment_token,
+)
+from device_sdk.verifier.signatures import (
+    PublicKey,
+    algorithm_for_public_key,
+    verify_signature,
+)
+from device_sdk.verifier.stores import ChallengeStore, RedisChallengeStore, SQLiteChallengeStore
+from device_sdk.verifier.tokens import (
+    ACCESS_TOKEN_ALGORITHM,
+    ACCESS_TOKEN_TYPE,
+    load_or_create_signing_key,
+    public_jwk,
+    sign_access_token,
+)
+
+AudienceKind = Literal["http", "mqtt"]
+
+# A device id is unpadded base64url of a SHA-256 digest: exactly 43 characters.
+_DEVICE_ID = re.compile(r"[A-Za-z0-9_-]{43}")
+_BACKEND = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
+MAX_CSR_BYTES = 16384
+ENROLLMENT_TOKEN_BYTES = 32
+_KEY_CACHE_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class VerifiedAssertion:
+    """An assertion that passed every check; its nonce (or ``jti``) is now spent."""
+
+    device_id: str
+    jti: str
+    audience: str
+    nonce: str | None
+    issued_at: int
+    expires_at: int
+    algorithm: str
+    record: DeviceRecord
+
+
+def _str_claim(payload: dict[str, Any], name: str, *, required: bool = True) -> str | None:
+    value = payload.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise VerificationError("malformed", f"claim {name!r} must be a non-empty string")
+    return value
+
+
+def _int_claim(payload: dict[str, Any], name: str) -> int:
+    value = payload.get(name)
+    # JSON true is a Python int; a time must be a real integer.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise VerificationError("malformed", f"claim {name!r} must be an integer")
+    return value
+
+
+class Verifier:
+    """Server side of the device login protocol.
+
+    ``registry`` holds device records and enrollment tokens, ``challenges`` the issued
+    challenges. ``signing_key`` signs access tokens; without one, a fresh key is generated and
+    lives only as long as this object (use :meth:`open` to keep it in a file). ``clock``
+    returns Unix time and exists for tests. All methods are safe to call from several threads.
+    """
+
+    def __init__(
+        self,
+        config: VerifierConfig,
+        *,
+        registry: DeviceRegistry,
+        challenges: ChallengeStore,
+        signing_key: ec.EllipticCurvePrivateKey | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.challenges = challenges
+        self._clock = clock
+        self._signing_key = signing_key or ec.generate_private_key(ec.SECP256R1())
+        self._jwk = public_jwk(self._signing_key.public_key())
+        self._key_cache: dict[tuple[str, str], PublicKey] = {}
+        self._key_cache_lock = threading.Lock()
+
+        self._challenge_per_device = (
+            TokenBucketLimiter(config.challenge_limit_per_device)
+            if config.challenge_limit_per_device
+            else None
+        )
+        self._challenge_per_address = (
+            TokenBucketLimiter(config.challenge_limit_per_address)
+            if config.challenge_limit_per_address
+            else None
+        )
+        self._failures_per_device = (
+            TokenBucketLimiter(config.failure_limit_per_device)
+            if config.failure_limit_per_device
+            else None
+        )
+
+    @classmethod
+    def open(
+        cls,
+        db_path: str | Path,
+        config: VerifierConfig,
+        *,
+        redis_url: str | None = None,
+        signing_key_path: str | Path | None = None,
+    ) -> Verifier:
+        """Open a verifier on a SQLite database, with challenges in it or in Redis.
+
+        The access-token signing key is read from ``signing_key_path``, by default
+        ``<db stem>-signing-key.pem`` beside the database, and created there (mode 0600) if absent.
+        """
+        db_path = Path(db_path)
+        registry = SQLiteDeviceRegistry(db_path)
+        challenges: ChallengeStore
+        if redis_url:
+            challenges = RedisChallengeStore.from_url(redis_url)
+        else:
+            challenges = SQLiteChallengeStore(db_path)
+        if signing_key_path is None:
+            signing_key_path = db_path.with_name(db_path.stem + "-signing-key.pem")
+        signing_key = load_or_create_signing_key(signing_key_path)
+        return cls(config, registry=registry, challenges=challenges, signing_key=signing_key)
+
+    def close(self) -> None:
+        """Close the stores' connections."""
+        self.challenges.close()
+        self.registry.close()
+
+    def now(self) -> int:
+        """Return the verifier's time in integer Unix seconds."""
+        return int(self._clock())
+
+    # Challenges
+
+    def issue_challenge(
+        self, device_id: str, audience: str, client_address: str | None = None
+    ) -> dict[str, Any]:
+        """Issue a single-use challenge for a device and audience; return its JSON answer.
+
+        Raises :class:`VerificationError`: ``rate_limited`` (with ``retry_after``),
+        ``wrong_audience`` for an audience this verifier does not serve, ``unknown_device``,
+        ``revoked_device`` or ``malformed``.
+        """
+        try:
+            challenge = self._issue_challenge(device_id, audience, client_address)
+        except VerificationError as exc:
+            log_decision(
+                "challenge",
+                "reject",
+                reason=exc.reason,
+                device_id=device_id if isinstance(device_id, str) else None,
+                client_address=client_address,
+                detail=exc.detail,
+            )
+            raise
+        log_decision(
+            "challenge",
+            "accept",
+            device_id=device_id,
+            client_address=client_address,
+            audience=audience,
+        )
+        return challenge.to_json()
+
+    def _issue_challenge(
+        self, device_id: str, audience: str, client_address: str | None
+    ) -> Challenge:
+        if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
+            raise VerificationError("malformed", "device_id is not 43 base64url characters")
+        if not isinstance(audience, str):
+            raise VerificationError("malformed", "audience is not a string")
+        if self._challenge_per_address is not None and client_address:
+            wait = self._challenge_per_address.try_acquire(client_address)
+            if wait is not None:
+                raise VerificationError(
+                    "rate_limited", "too many challenges for this address", retry_after=wait
+                )
+        if self.config.channel_bindings_for(audience) is None:
+            raise VerificationError("wrong_audience", "audience is not served by this verifier")
+        self._active_record(device_id)
+        if self._challenge_per_device is not None:
+            wait = self._challenge_per_device.try_acquire(device_id)
+            if wait is not None:
+                raise VerificationError(
+                    "rate_limited", "too many challenges for this device", retry_after=wait
+                )
+
+        now = self.now()
+        challenge = Challenge(
+            nonce=b64url_encode(secrets.token_bytes(NONCE_BYTES)),
+            device_id=device_id,
+            audience=audience,
+            server_time=now,
+            expires_at=now + self.config.challenge_lifetime,
+        )
+        self.challenges.put(challenge)
+        return challenge
+
+    def _active_record(self, device_id: str) -> DeviceRecord:
+        record = self.registry.get(device_id)
+        if record is None:
+            raise VerificationError("unknown_device", "device is not enrolled", device_id=device_id)
+        if record.status != ACTIVE:
+            raise VerificationError("revoked_device", "device is revoked", device_id=device_id)
+        return record
+
+    # Assertions
+
+    def verify_assertion(
+        self,
+        token: str,
+        *,
+        audience_kind: AudienceKind,
+        client_address: str | None = None,
+        expected_device_id: str | None = None,
+        expected_htm: str = "POST",
+        expected_htu: str | None = None,
+    ) -> VerifiedAssertion:
+        """Check an assertion completely and spend its nonce.
+
+        ``audience_kind`` ``http`` expects ``aud`` = the issuer and ``htm``/``htu`` of the token
+        request (``expected_htu`` defaults to the configured token URL); ``mqtt`` expects one of
+        the broker audiences. ``expected_device_id`` is the MQTT username, when there is one.
+        Raises :class:`VerificationError` with the reason code; the assertion is never logged.
+        """
+        context: dict[str, Any] = {"device_id": None, "known": False}
+        try:
+            verified = self._verify(
+                token,
+                audience_kind,
+                expected_device_id,
+                expected_htm,
+                expected_htu or self.config.expected_token_url,
+                context,
+            )
+        except VerificationError as exc:
+            device_id = exc.device_id or context["device_id"]
+            if context["known"] and self._failures_per_device is not None:
+                self._failures_per_device.try_acquire(device_id)
+            log_decision(
+                "assertion",
+                "reject",
+                reason=exc.reason,
+                device_id=device_id,
+                client_address=client_address,
+                detail=exc.detail,
+                kind=audience_kind,
+            )
+            if exc.device_id is None and device_id is not None:
+                exc.device_id = device_id
+            raise
+        log_decision(
+            "assertion",
+            "accept",
+            device_id=verified.device_id,
+            client_address=client_address,
+            kind=audience_kind,
+            jti=verified.jti,
+        )
+        return verified
+
+    def _verify(
+        self,
+        token: str,
+        audience_kind: AudienceKind,
+        expected_device_id: str | None,
+        expected_htm: str,
+        expected_htu: str,
+        context: dict[str, Any],
+    ) -> VerifiedAssertion:
+        jws = parse_compact_jws(token, self.config.max_assertion_bytes)
+        algorithm, device_id = self._check_header(jws.header)
+        context["device_id"] = device_id
+        claims = self._check_claim_types(jws.payload, device_id)
+
+        if expected_device_id is not None and expected_device_id != device_id:
+            raise VerificationError("wrong_device", "kid differs from the MQTT username")
+        if self._failures_per_device is not None:
+            wait = self._failures_per_device.retry_after(device_id)
+            if wait is not None:
+                raise VerificationError(
+                    "rate_limited", "too many failed assertions for this device", retry_after=wait
+                )
+
+        record = self._active_record(device_id)
+        context["known"] = True
+        if algorithm != record.algorithm:
+            raise VerificationError(
+                "algorithm_mismatch", f"alg {algorithm} but the device enrolled {record.algorithm}"
+            )
+
+        audience = claims["aud"]
+        self._check_audience(audience, audience_kind)
+        now = self.now()
+        self._check_times(claims["iat"], claims["exp"], now)
+        self._check_channel_binding(audience, claims["cb"])
+        if audience_kind == "http":
+            self._check_http_binding(claims["htm"], claims["htu"], expected_htm, expected_htu)
+
+        verify_signature(algorithm, self._public_key(record), jws.signing_input, jws.signature)
+
+        nonce = claims["nonce"]
+        if nonce is None:
+            self._spend_jti(claims["jti"], audience, claims["iat"], claims["exp"])
+        else:
+            self._consume_nonce(nonce, device_id, audience, now)
+
+        return VerifiedAssertion(
+            device_id=device_id,
+            jti=claims["jti"],
+            audience=audience,
+            nonce=nonce,
+            issued_at=claims["iat"],
+            expires_at=claims["exp"],
+            algorithm=algorithm,
+            record=record,
+        )
+
+    def _check_header(self, header: dict[str, Any]) -> tuple[str, str]:
+        algorithm = header.get("alg")
+        if not isinstance(algorithm, str):
+            raise VerificationError("malformed", "header has no alg string")
+        if algorithm.lower() == "none" or algorithm.upper().startswith("HS"):
+            raise VerificationError(
+                "unsupported_algorithm", f"alg {algorithm[:16]!r} is never allowed"
+            )
+        if algorithm not in self.config.algorithms:
+            raise VerificationError(
+                "unsupported_algorithm", f"alg {algorithm[:16]!r} is not allowed"
+            )
+        if header.get("typ") != ASSERTION_TYPE:
+            raise VerificationError("bad_type", f"typ is not {ASSERTION_TYPE}")
+        # A critical extension would change how the JWS must be read; none is defined here.
+        if "crit" in header:
+            raise VerificationError(
+                "malformed", "header has crit, which this verifier does not support"
+            )
+        device_id = header.get("kid")
+        if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
+            raise VerificationError("malformed", "kid is not a device id")
+        return algorithm, device_id
+
+    def _check_claim_types(self, payload: dict[str, Any], device_id: str) -> dict[str, Any]:
+        claims: dict[str, Any] = {
+            "iss": _str_claim(payload, "iss"),
+            "sub": _str_claim(payload, "sub"),
+            "aud": _str_claim(payload, "aud"),
+            "iat": _int_claim(payload, "iat"),
+            "exp": _int_claim(payload, "exp"),
+            "jti": _str_claim(payload, "jti"),
+            "nonce": _str_claim(payload, "nonce", required=False),
+            "cb": _str_claim(payload, "cb", required=False),
+            "htm": _str_claim(payload, "htm", required=False),
+            "htu": _str_claim(payload, "htu", required=False),
+        }
+        if claims["iss"] != device_id or claims["sub"] != device_id:
+            raise VerificationError("wrong_device", "iss or sub differs from kid")
+        return claims
+
+    def _check_audience(self, audience: str, audience_kind: AudienceKind) -> None:
+        if audience_kind == "http":
+            if audience != self.config.issuer:
+                raise VerificationError("wrong_audience", "aud is not this verifier's issuer")
+        elif audience not in self.config.broker_audiences:
+            raise VerificationError("wrong_audience", "aud is not a configured broker")
+
+    def _check_times(self, issued_at: int, expires_at: int, now: int) -> None:
+        leeway = self.config.leeway
+        if expires_at <= issued_at:
+            raise VerificationError("malformed", "exp is not after iat")
+        lifetime = expires_at - issued_at
+        if lifetime > MAX_ASSERTION_LIFETIME:
+            raise VerificationError(
+                "lifetime_too_long",
+                f"exp is {lifetime} s after iat, more than {MAX_ASSERTION_LIFETIME} s",
+            )
+        if issued_at > now + leeway:
+            raise VerificationError(
+                "iat_in_future",
+                f"iat is {issued_at - now} s ahead of the verifier clock (leeway {leeway} s)",
+            )
+        if expires_at + leeway < now:
+            raise VerificationError(
+                "expired", f"exp passed {now - expires_at} s ago (leeway {leeway} s)"
+            )
+
+    def _check_channel_binding(self, audience: str, cb: str | None) -> None:
+        accepted = self.config.channel_bindings_for(audience) or frozenset()
+        if not accepted:
+            if cb is not None:
+                raise VerificationError(
+                    "channel_binding_mismatch", "cb present for an audience without TLS"
+                )
+            return
+        if cb is None:
+            raise VerificationError("missing_channel_binding", "cb is absent")
+        try:
+            value = b64url_decode(cb)
+        except ProtocolError:
+            raise VerificationError("malformed", "cb is not base64url") from None
+        if value not in accepted:
+            raise VerificationError(
+                "channel_binding_mismatch", "cb matches none of this server's certificates"
+            )
+
+    def _check_http_binding(
+        self, htm: str | None, htu: str | None, expected_htm: str, expected_htu: str
+    ) -> None:
+        if htm is None or htu is None:
+            raise VerificationError("malformed", "htm or htu is absent from an HTTP assertion")
+        if htm != expected_htm or htu != expected_htu:
+            raise VerificationError("wrong_audience", "htm or htu is not the token request")
+
+    def _public_key(self, record: DeviceRecord) -> PublicKey:
+        cache_key = (record.device_id, record.public_key_pem)
+        key = self._key_cache.get(cache_key)
+        if key is not None:
+            return key
+        loaded = serialization.load_pem_public_key(record.public_key_pem.encode("ascii"))
+        if not isinstance(loaded, PublicKey):
+            raise VerificationError("unsupported_algorithm", "stored key type is not supported")
+        with self._key_cache_lock:
+            if len(self._key_cache) >= _KEY_CACHE_SIZE:
+                self._key_cache.clear()
+            self._key_cache[cache_key] = loaded
+        return loaded
+
+    def _consume_nonce(self, nonce: str, device_id: str, audience: str, now: int) -> None:
+        challenge = self.challenges.consume(nonce)
+        if challenge is None:
+            if self.challenges.was_consumed(nonce):
+                raise VerificationError("replayed", "nonce was already used")
+            raise VerificationError("unknown_nonce", "no challenge has this nonce")
+        if challenge.device_id != device_id:
+            raise VerificationError("wrong_device", "challenge was issued to another device")
+        if challenge.audience != audience:
+            raise VerificationError("wrong_audience", "challenge was issued for another audience")
+        if now > challenge.expires_at:
+            raise VerificationError(
+                "challenge_expired", f"challenge expired {now - challenge.expires_at} s ago"
+            )
+
+    def _spend_jti(self, jti: str, audience: str, issued_at: int, expires_at: int) -> None:
+        if audience not in self.config.nonceless_audiences:
+            raise VerificationError("unknown_nonce", "nonce is absent and this audience needs one")
+        if expires_at - issued_at > MAX_NONCELESS_LIFETIME:
+            raise VerificationError(
+                "lifetime_too_long",
+                f"an assertion without nonce may live {MAX_NONCELESS_LIFETIME} s at most",
+            )
+        if not self.challenges.remember_jti(jti, expires_at + self.config.leeway):
+            raise VerificationError("replayed", "jti was already used")
+
+    # Access tokens
+
+    def issue_access_token(self, verified: VerifiedAssertion) -> dict[str, Any]:
+        """Sign a short-lived access token for a verified HTTP assertion; return the answer JSON."""
+        now = self.now()
+        lifetime = self.config.access_token_lifetime
+        claims = {
+            "iss": self.config.issuer,
+            "sub": verified.device_id,
+            "aud": self.config.issuer,
+            "iat": now,
+            "exp": now + lifetime,
+            "jti": new_jti(),
+        }
+        token = sign_access_token(self._signing_key, self._jwk["kid"], claims)
+        log_decision("access_token", "accept", device_id=verified.device_id, expires_in=lifetime)
+        return {"access_token": token, "token_type": "Bearer", "expires_in": lifetime}
+
+    def verify_access_token(self, token: str) -> dict[str, Any]:
+        """Check an access token signed by this verifier; return its claims.
+
+        Also rejects tokens of devices revoked since the token was issued. Raises
+        :class:`VerificationError` (``malformed``, ``bad_type``, ``bad_signature``, ``expired``,
+        ``wrong_audience``, ``unknown_device``, ``revoked_device``).
+        """
+        if not isinstance(token, str) or len(token) > self.config.max_assertion_bytes:
+            raise VerificationError("malformed", "access token is not a string of sane length")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise VerificationError("malformed", "access token header does not parse") from None
+        if header.get("typ") != ACCESS_TOKEN_TYPE or header.get("kid") != self._jwk["kid"]:
+            raise VerificationError("bad_type", "not an access token of this verifier")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._signing_key.public_key(),
+                algorithms=[ACCESS_TOKEN_ALGORITHM],
+                audience=self.config.issuer,
+                issuer=self.config.issuer,
+                leeway=self.config.leeway,
+                options={"require": ["exp", "iat", "sub", "jti"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise VerificationError("expired", "access token expired") from None
+        except jwt.InvalidAudienceError:
+            raise VerificationError("wrong_audience", "access token audience") from None
+        except jwt.InvalidSignatureError:
+            raise VerificationError("bad_signature", "access token signature") from None
+        except jwt.InvalidTokenError as exc:
+            raise VerificationError("malformed", f"access token: {type(exc).__name__}") from None
+        self._active_record(str(claims["sub"]))
+        return claims
+
+    def jwks(self) -> dict[str, Any]:
+        """Return the JWKS with the public key that signs access tokens."""
+        return {"keys": [dict(self._jwk)]}
+
+    # Enrollment and device management
+
+    def create_enrollment_tokens(
+        self, count: int = 1, *, lifetime: int | None = None, never_expire: bool = False
+    ) -> list[str]:
+        """Create one-time enrollment tokens; only their hashes are stored.
+
+        ``lifetime`` is in seconds, by default the configured one; ``never_expire`` makes tokens
+        that stay valid until used. The tokens are secrets: hand them to provisioning through a
+        file of mode 0600.
+        """
+        if count < 1:
+            raise ValueError(f"count must be at least 1, got {count}")
+        if lifetime is None and not never_expire:
+            lifetime = self.config.enrollment_token_lifetime
+        if never_expire:
+            lifetime = None
+        now = self.now()
+        expires_at = None if lifetime is None else now + lifetime
+        tokens = []
+        for _ in range(count):
+            token = b64url_encode(secrets.token_bytes(ENROLLMENT_TOKEN_BYTES))
+            self.registry.add_enrollment_token(hash_enrollment_token(token), now, expires_at)
+            tokens.append(token)
+        log_decision("enrollment_token", "accept", count=count, expires_at=expires_at)
+        return tokens
+
+    def enroll(
+        self,
+        csr_pem: str | bytes,
+        enrollment_token: str,
+        backend: str,
+        hardware_backed: bool,
+        client_address: str | None = None,
+    ) -> tuple[DeviceRecord, bool]:
+        """Register the key of a CSR as a device, spending a one-time enrollment token.
+
+        The CSR must be signed by the key it names. Returns the record and whether it was created
+        now; the same key presenting its spent token again gets its record back with ``False``.
+        Raises :class:`VerificationError` with ``bad_csr``, ``unsupported_algorithm``,
+        ``enrollment_token_invalid``, ``enrollment_token_used`` or ``revoked_device``.
+        """
+        device_id = None
+        try:
+            record = self._record_from_csr(csr_pem, backend, hardware_backed)
+            device_id = record.device_id
+            if not isinstance(enrollment_token, str) or not enrollment_token:
+                raise VerificationError("enrollment_token_invalid", "enrollment token is empty")
+            stored, created = self.registry.enroll(
+                hash_enrollment_token(enrollment_token), record, self.now()
+            )
+        except VerificationError as exc:
+            log_decision(
+                "enroll",
+                "reject",
+                reason=exc.reason,
+                device_id=device_id,
+                client_address=client_address,
+                detail=exc.detail,
+            )
+            raise
+        log_decision(
+            "enroll",
+            "accept",
+            device_id=stored.device_id,
+            client_address=client_address,
+            created=created,
+            backend=stored.backend,
+            hardware_backed=stored.hardware_backed,
+        )
+        return stored, created
+
+    def _record_from_csr(
+        self, csr_pem: str | bytes, backend: str, hardware_backed: bool
+    ) -> DeviceRecord:
+        if isinstance(csr_pem, str):
+            csr_pem = csr_pem.encode("utf-8")
+        if not isinstance(csr_pem, bytes) or len(csr_pem) > MAX_CSR_BYTES:
+            raise VerificationError(
+                "bad_csr", f"CSR is not PEM text of at most {MAX_CSR_BYTES} bytes"
+            )
+        if not isinstance(backend, str) or not _BACKEND.fullmatch(backend):
+            raise VerificationError("bad_csr", "backend is not a short lowercase name")
+        if not isinstance(hardware_backed, bool):
+            raise VerificationError("bad_csr", "hardware_backed is not a boolean")
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+            public_key = csr.public_key()
+            signature_valid = csr.is_signature_valid
+        except (ValueError, TypeError):
+            raise VerificationError("bad_csr", "CSR does not parse") from None
+        if not signature_valid:
+            raise VerificationError("bad_csr", "CSR signature does not verify with its key")
+
+        algorithm = algorithm_for_public_key(public_key)
+        if algorithm not in self.config.algorithms:
+            raise VerificationError("unsupported_algorithm", f"{algorithm} keys are not allowed")
+        public_pem = public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode("ascii")
+        return DeviceRecord(
+            device_id=compute_device_id(public_key),  # type: ignore[arg-type]
+            algorithm=algorithm,
+            public_key_pem=public_pem,
+            status=ACTIVE,
+            backend=backend,
+            hardware_backed=hardware_backed,
+            enrolled_at=self.now(),
+        )
+
+    def get_device(self, device_id: str) -> DeviceRecord | None:
+        """Return a device record, or None if the device was never enrolled."""
+        return self.registry.get(device_id)
+
+    def list_devices(self) -> list[DeviceRecord]:
+        """Return every device record."""
+        return self.registry.list_devices()
+
+    def revoke(self, device_id: str) -> DeviceRecord:
+        """Revoke a device and delete its pending challenges; its access tokens stop working.
+
+        Raises :class:`VerificationError` ``unknown_device`` if the device was never enrolled.
+        """
+        record = self.registry.set_status(device_id, REVOKED, self.now())
+        if record is None:
+            raise VerificationError("unknown_device", "no such device", device_id=device_id)
+        purged = self.challenges.purge_device(device_id)
+        log_decision("revoke", "accept", device_id=device_id, purged_challenges=purged)
+        return record

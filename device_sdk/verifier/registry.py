@@ -1,0 +1,226 @@
+"""The device registry: enrolled devices and one-time enrollment tokens.
+
+Enrollment tokens are stored only as SHA-256 hashes, so a copy of the database does not let
+anyone enroll a device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from device_sdk.errors import VerificationError
+from device_sdk.verifier.sqlite import ThreadConnections
+
+ACTIVE = "active"
+REVOKED = "revoked"
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """One enrolled device. ``algorithm`` is the only JWS ``alg`` its assertions may use."""
+
+    device_id: str
+    algorithm: str
+    public_key_pem: str
+    status: str
+    backend: str
+    hardware_backed: bool
+    enrolled_at: int
+    revoked_at: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.status == ACTIVE
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the record as the enrollment answer and the CLI show it."""
+        return asdict(self)
+
+
+def hash_enrollment_token(token: str) -> str:
+    """Return the hex SHA-256 of an enrollment token, the form the registry stores."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class DeviceRegistry(Protocol):
+    """Storage for device records and enrollment tokens; safe to call from several threads."""
+
+    def get(self, device_id: str) -> DeviceRecord | None:
+        """Return the record of a device, or None if it was never enrolled."""
+
+    def list_devices(self) -> list[DeviceRecord]:
+        """Return every record, oldest enrollment first."""
+
+    def set_status(self, device_id: str, status: str, now: int) -> DeviceRecord | None:
+        """Set a device's status (``active`` or ``revoked``); None if the device is unknown."""
+
+    def add_enrollment_token(
+        self, token_hash: str, created_at: int, expires_at: int | None
+    ) -> None:
+        """Store a new enrollment token by its hash."""
+
+    def enroll(self, token_hash: str, record: DeviceRecord, now: int) -> tuple[DeviceRecord, bool]:
+        """Redeem an enrollment token for ``record`` in one transaction.
+
+        Returns the stored record and whether it was created now. A token already redeemed by
+        the same device returns the existing record with ``False``, so provisioning can be re-run.
+        Raises :class:`VerificationError` with ``enrollment_token_invalid`` (unknown or expired),
+        ``enrollment_token_used`` (redeemed by another device) or ``revoked_device``.
+        """
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+_REGISTRY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    algorithm TEXT NOT NULL,
+    public_key_pem TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+    backend TEXT NOT NULL,
+    hardware_backed INTEGER NOT NULL,
+    enrolled_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS enrollment_tokens (
+    token_hash TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER,
+    used_by TEXT,
+    used_at INTEGER
+);
+"""
+
+_SELECT_DEVICES = (
+    "SELECT device_id, algorithm, public_key_pem, status, backend, hardware_backed, enrolled_at, "
+    "revoked_at FROM devices"
+)
+_INSERT_DEVICE = (
+    "INSERT INTO devices (device_id, algorithm, public_key_pem, status, backend, hardware_backed, "
+    "enrolled_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _record_from_row(row: tuple[Any, ...]) -> DeviceRecord:
+    return DeviceRecord(
+        device_id=row[0],
+        algorithm=row[1],
+        public_key_pem=row[2],
+        status=row[3],
+        backend=row[4],
+        hardware_backed=bool(row[5]),
+        enrolled_at=row[6],
+        revoked_at=row[7],
+    )
+
+
+class SQLiteDeviceRegistry:
+    """Device records and enrollment tokens in SQLite (WAL), shareable by processes on one host."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._connections = ThreadConnections(path, _REGISTRY_SCHEMA)
+
+    def get(self, device_id: str) -> DeviceRecord | None:
+        row = (
+            self._connections.get()
+            .execute(_SELECT_DEVICES + " WHERE device_id = ?", (device_id,))
+            .fetchone()
+        )
+        return None if row is None else _record_from_row(row)
+
+    def list_devices(self) -> list[DeviceRecord]:
+        rows = (
+            self._connections.get()
+            .execute(_SELECT_DEVICES + " ORDER BY enrolled_at, device_id")
+            .fetchall()
+        )
+        return [_record_from_row(row) for row in rows]
+
+    def set_status(self, device_id: str, status: str, now: int) -> DeviceRecord | None:
+        if status not in (ACTIVE, REVOKED):
+            raise ValueError(f"device status {status!r} is neither {ACTIVE!r} nor {REVOKED!r}")
+        revoked_at = now if status == REVOKED else None
+        self._connections.get().execute(
+            "UPDATE devices SET status = ?, revoked_at = ? WHERE device_id = ?",
+            (status, revoked_at, device_id),
+        )
+        return self.get(device_id)
+
+    def add_enrollment_token(
+        self, token_hash: str, created_at: int, expires_at: int | None
+    ) -> None:
+        self._connections.get().execute(
+            "INSERT INTO enrollment_tokens (token_hash, created_at, expires_at) VALUES (?, ?, ?)",
+            (token_hash, created_at, expires_at),
+        )
+
+    def enroll(self, token_hash: str, record: DeviceRecord, now: int) -> tuple[DeviceRecord, bool]:
+        connection = self._connections.get()
+        # BEGIN IMMEDIATE takes the write lock first, so two enrollments cannot interleave.
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            result = self._enroll_locked(connection, token_hash, record, now)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+        return result
+
+    def _enroll_locked(
+        self, connection: sqlite3.Connection, token_hash: str, record: DeviceRecord, now: int
+    ) -> tuple[DeviceRecord, bool]:
+        token = connection.execute(
+            "SELECT expires_at, used_by FROM enrollment_tokens WHERE token_hash = ?",
+            (token_hash,),
+        ).fetchone()
+        if token is None:
+            raise VerificationError("enrollment_token_invalid", "no such enrollment token")
+        expires_at, used_by = token
+        existing_row = connection.execute(
+            _SELECT_DEVICES + " WHERE device_id = ?", (record.device_id,)
+        ).fetchone()
+        existing = None if existing_row is None else _record_from_row(existing_row)
+
+        if used_by is not None:
+            if used_by == record.device_id and existing is not None:
+                return existing, False
+            raise VerificationError(
+                "enrollment_token_used",
+                "token was redeemed by another device",
+                device_id=record.device_id,
+            )
+        if expires_at is not None and now >= expires_at:
+            raise VerificationError("enrollment_token_invalid", "enrollment token expired")
+        if existing is not None and not existing.active:
+            raise VerificationError(
+                "revoked_device", "a revoked device cannot enroll again", device_id=record.device_id
+            )
+
+        connection.execute(
+            "UPDATE enrollment_tokens SET used_by = ?, used_at = ? WHERE token_hash = ?",
+            (record.device_id, now, token_hash),
+        )
+        if existing is not None:
+            return existing, False
+        connection.execute(
+            _INSERT_DEVICE,
+            (
+                record.device_id,
+                record.algorithm,
+                record.public_key_pem,
+                record.status,
+                record.backend,
+                int(record.hardware_backed),
+                record.enrolled_at,
+                record.revoked_at,
+            ),
+        )
+        return record, True
+
+    def close(self) -> None:
+        self._connections.close()

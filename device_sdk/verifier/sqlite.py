@@ -1,0 +1,63 @@
+"""SQLite connections shared by the embedded challenge store and device registry."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from device_sdk.errors import ConfigError
+
+SQLITE_BUSY_TIMEOUT_MS = 5000
+"""Milliseconds a statement waits for another process's write lock before failing."""
+
+
+def connect_sqlite(path: str | Path) -> sqlite3.Connection:
+    """Open a SQLite database in autocommit mode with WAL, a busy timeout and NORMAL sync.
+
+    WAL with ``synchronous=NORMAL`` survives a process crash; a power cut may lose the last
+    transactions, which for challenges means at most a failed login.
+    """
+    connection = sqlite3.connect(
+        str(path),
+        timeout=SQLITE_BUSY_TIMEOUT_MS / 1000,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+    connection.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal" and str(path) != ":memory:":
+        raise ConfigError(f"SQLite database {path}: cannot switch to WAL mode (got {mode})")
+    connection.execute("PRAGMA synchronous = NORMAL")
+    return connection
+
+
+class ThreadConnections:
+    """One SQLite connection per thread, because a connection must not be shared mid-statement."""
+
+    def __init__(self, path: str | Path, schema: str) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        with self._lock:
+            first = connect_sqlite(path)
+            first.executescript(schema)
+            self._local.connection = first
+            self._all.append(first)
+
+    def get(self) -> sqlite3.Connection:
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = connect_sqlite(self.path)
+            self._local.connection = connection
+            with self._lock:
+                self._all.append(connection)
+        return connection
+
+    def close(self) -> None:
+        with self._lock:
+            for connection in self._all:
+                connection.close()
+            self._all.clear()
+        self._local = threading.local()
