@@ -1,0 +1,165 @@
+"""Device login for httpx: an ``httpx.Auth`` that adds a bearer token from the verifier.
+
+The first request, or any request once the token is about to expire, first runs the login flow
+through the same ``httpx.Client`` or ``httpx.AsyncClient``: a challenge, an assertion bound to the
+verifier certificate seen on the challenge's connection, and the token request. A 401 on the
+protected request drops the token and logs in once more; a second 401 is returned to the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Generator
+
+import httpx
+
+from device_sdk.auth import (
+    AccessToken,
+    Answer,
+    ChallengeRequest,
+    ErrorAnswer,
+    TokenRequest,
+    device_id_of,
+    is_tls_audience,
+    login_flow,
+    tls_server_end_point,
+)
+from device_sdk.auth.assertion import PrivateKey
+from device_sdk.auth.encoding import loads_json_object
+from device_sdk.auth.flows import TOKEN_PATH
+from device_sdk.http.tls import httpx_peer_certificate
+
+logger = logging.getLogger(__name__)
+
+REFRESH_MARGIN = 30.0
+"""Seconds before expiry at which a cached token is replaced, at most a fifth of its lifetime."""
+
+
+def answer_from_status(status_code: int, content: bytes, retry_after: str | None) -> Answer:
+    """Turn an HTTP answer into what a login flow expects: a JSON object or an ErrorAnswer."""
+    if 200 <= status_code < 300:
+        return loads_json_object(content)
+    seconds: float | None = None
+    if retry_after is not None:
+        try:
+            seconds = max(0.0, float(retry_after))
+        except ValueError:
+            seconds = None
+    return ErrorAnswer(status_code, content.decode("utf-8", "replace")[:200], seconds)
+
+
+class TokenCache:
+    """The current access token of one device, shared by threads; replaced before it expires."""
+
+    def __init__(
+        self,
+        refresh_margin: float = REFRESH_MARGIN,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.refresh_margin = refresh_margin
+        self._monotonic = monotonic
+        self._token: AccessToken | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> AccessToken | None:
+        """Return the token unless it expires within the refresh margin."""
+        with self._lock:
+            token = self._token
+        if token is None:
+            return None
+        margin = min(self.refresh_margin, token.expires_in / 5)
+        if token.expires_within(margin, self._monotonic()):
+            return None
+        return token
+
+    def discard_authorization(self, authorization: str | None) -> None:
+        """Drop the current token if ``authorization`` is its header value (a 401 refused it)."""
+        with self._lock:
+            if self._token is not None and self._token.authorization == authorization:
+                self._token = None
+
+    def put(self, token: AccessToken) -> None:
+        with self._lock:
+            self._token = token
+
+    def discard(self, token: AccessToken) -> None:
+        """Drop ``token`` if it is still the current one (another thread may have replaced it)."""
+        with self._lock:
+            if self._token is token:
+                self._token = None
+
+
+class DeviceAuth(httpx.Auth):
+    """Authenticate httpx requests as a device whose key signs the verifier's challenges.
+
+    ``verifier_url`` is the verifier's base URL; the login audience is its issuer URL, which
+    defaults to the same URL. Works with ``httpx.Client`` and ``httpx.AsyncClient``; the login
+    requests go through the client the request goes through, so its TLS settings apply.
+    Raises :class:`~device_sdk.errors.LoginError` when the verifier refuses the login.
+    """
+
+    requires_request_body = True
+    requires_response_body = True
+
+    def __init__(
+        self,
+        key: PrivateKey,
+        verifier_url: str,
+        *,
+        audience: str | None = None,
+        refresh_margin: float = REFRESH_MARGIN,
+    ) -> None:
+        self._key = key
+        self.device_id = device_id_of(key)
+        self.verifier_url = verifier_url.rstrip("/")
+        self.audience = audience or self.verifier_url
+        self.token_url = self.verifier_url + TOKEN_PATH
+        self.tokens = TokenCache(refresh_margin)
+        self.logins = 0
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        token = self.tokens.get()
+        if token is None:
+            token = yield from self._login()
+        request.headers["Authorization"] = token.authorization
+        response = yield request
+        if response.status_code != 401:
+            return
+
+        logger.info(
+            "device %s: %s %s answered 401; logging in again once",
+            self.device_id, request.method, request.url,
+        )
+        self.tokens.discard(token)
+        token = yield from self._login()
+        request.headers["Authorization"] = token.authorization
+        yield request
+
+    def _login(self) -> Generator[httpx.Request, httpx.Response, AccessToken]:
+        started = time.monotonic()
+        binding: dict[str, bytes | None] = {"cb": None}
+        flow = login_flow(self._key, self.audience, self.token_url, lambda: binding["cb"])
+        step: ChallengeRequest | TokenRequest = next(flow)
+        while True:
+            url = step.url if isinstance(step, TokenRequest) else self.verifier_url + step.path
+            response = yield httpx.Request(step.method, url, json=step.to_json())
+            if isinstance(step, ChallengeRequest) and is_tls_audience(self.audience):
+                binding["cb"] = tls_server_end_point(httpx_peer_certificate(response))
+            answer = answer_from_status(
+                response.status_code, response.content, response.headers.get("retry-after")
+            )
+            try:
+                step = flow.send(answer)
+            except StopIteration as done:
+                token: AccessToken = done.value
+                break
+
+        self.tokens.put(token)
+        self.logins += 1
+        logger.info(
+            "device %s: logged in to %s in %.1f ms; token expires in %d s",
+            self.device_id, self.audience, (time.monotonic() - started) * 1000, token.expires_in,
+        )
+        return token
