@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator
+import weakref
+from collections.abc import AsyncGenerator, Callable, Generator
 
 import httpx
 
@@ -100,8 +101,10 @@ class DeviceAuth(httpx.Auth):
     Raises :class:`~device_sdk.errors.LoginError` when the verifier refuses the login.
     """
 
+    # The body is read by sync_auth_flow and async_auth_flow below, after the server certificate:
+    # a server that answers "Connection: close" has its connection closed once the body is read.
     requires_request_body = True
-    requires_response_body = True
+    requires_response_body = False
 
     def __init__(
         self,
@@ -118,6 +121,50 @@ class DeviceAuth(httpx.Auth):
         self.token_url = self.verifier_url + TOKEN_PATH
         self.tokens = TokenCache(refresh_margin)
         self.logins = 0
+        self._certificates: weakref.WeakKeyDictionary[httpx.Response, bytes] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        request.read()
+        flow = self.auth_flow(request)
+        request = next(flow)
+        while True:
+            response = yield request
+            self._keep_certificate(response)
+            response.read()
+            try:
+                request = flow.send(response)
+            except StopIteration:
+                break
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        await request.aread()
+        flow = self.auth_flow(request)
+        request = next(flow)
+        while True:
+            response = yield request
+            self._keep_certificate(response)
+            await response.aread()
+            try:
+                request = flow.send(response)
+            except StopIteration:
+                break
+
+    def _keep_certificate(self, response: httpx.Response) -> None:
+        """Store the certificate of a login answer while its connection is surely open."""
+        if not is_tls_audience(self.audience):
+            return
+        if not str(response.request.url).startswith(self.verifier_url):
+            return
+        self._certificates[response] = httpx_peer_certificate(response)
+
+    def _certificate_of(self, response: httpx.Response) -> bytes:
+        return self._certificates.get(response) or httpx_peer_certificate(response)
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         token = self.tokens.get()
@@ -137,6 +184,38 @@ class DeviceAuth(httpx.Auth):
         request.headers["Authorization"] = token.authorization
         yield request
 
+    def login(self, client: httpx.Client) -> AccessToken:
+        """Log in now through ``client`` and cache the token, without a protected request."""
+        flow = self._login()
+        request = next(flow)
+        while True:
+            response = client.send(request, stream=True)
+            try:
+                self._keep_certificate(response)
+                response.read()
+            finally:
+                response.close()
+            try:
+                request = flow.send(response)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+
+    async def alogin(self, client: httpx.AsyncClient) -> AccessToken:
+        """Log in now through ``client`` and cache the token, without a protected request."""
+        flow = self._login()
+        request = next(flow)
+        while True:
+            response = await client.send(request, stream=True)
+            try:
+                self._keep_certificate(response)
+                await response.aread()
+            finally:
+                await response.aclose()
+            try:
+                request = flow.send(response)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+
     def _login(self) -> Generator[httpx.Request, httpx.Response, AccessToken]:
         started = time.monotonic()
         binding: dict[str, bytes | None] = {"cb": None}
@@ -146,7 +225,7 @@ class DeviceAuth(httpx.Auth):
             url = step.url if isinstance(step, TokenRequest) else self.verifier_url + step.path
             response = yield httpx.Request(step.method, url, json=step.to_json())
             if isinstance(step, ChallengeRequest) and is_tls_audience(self.audience):
-                binding["cb"] = tls_server_end_point(httpx_peer_certificate(response))
+                binding["cb"] = tls_server_end_point(self._certificate_of(response))
             answer = answer_from_status(
                 response.status_code, response.content, response.headers.get("retry-after")
             )
