@@ -72,6 +72,7 @@ __all__ = [
     "Tpm2URI",
     "find_module",
     "parse_key_uri",
+    "parse_pin_source",
     "read_pin",
     "read_pin_source",
     "resolve_module",
@@ -195,7 +196,7 @@ def _percent_decode(raw: str, attribute: str, accepted: frozenset[str]) -> bytes
         if char == "%":
             pair = raw[index + 1 : index + 3]
             if len(pair) != 2 or not all(digit in _HEX_DIGITS for digit in pair):
-                escape = "" if attribute in _SECRET_ATTRIBUTES else f" {raw[index:index + 3]!r}"
+                escape = "" if attribute in _SECRET_ATTRIBUTES else f" {raw[index : index + 3]!r}"
                 raise URIError(
                     f"invalid percent escape{escape} in {_describe(attribute, raw)}: "
                     "% must be followed by two hex digits; write a literal % as %25"
@@ -320,9 +321,7 @@ class Pkcs11URI:
         for field in _TEXT_FIELDS:
             value = getattr(self, field)
             if value is not None and not isinstance(value, str):
-                raise URIError(
-                    f"{field} must be a string or None, got {type(value).__name__}"
-                )
+                raise URIError(f"{field} must be a string or None, got {type(value).__name__}")
         if self.id is not None and not isinstance(self.id, bytes):
             if not isinstance(self.id, bytearray | memoryview):
                 raise URIError(f"id must be bytes or None, got {type(self.id).__name__}")
@@ -524,9 +523,7 @@ def _parse_path_value(name: str, raw: str) -> object:
             raise URIError(f"invalid {_describe(name, raw)}: slot-id is a decimal number")
         slot_id = int(raw)
         if slot_id > MAX_SLOT_ID:
-            raise URIError(
-                f"invalid {_describe(name, raw)}: a CK_SLOT_ID is at most {MAX_SLOT_ID}"
-            )
+            raise URIError(f"invalid {_describe(name, raw)}: a CK_SLOT_ID is at most {MAX_SLOT_ID}")
         return slot_id
 
     if name == "library-version":
@@ -672,9 +669,7 @@ def parse_pin_source(source: str) -> tuple[str, str]:
 def _read_pin_env(name: str) -> str:
     value = os.environ.get(name)
     if value is None:
-        raise ConfigError(
-            f"pin-source env:{name}: the environment variable {name} is not set"
-        )
+        raise ConfigError(f"pin-source env:{name}: the environment variable {name} is not set")
     if not value:
         raise ConfigError(f"pin-source env:{name}: the environment variable {name} is empty")
     logger.debug("read the PIN from environment variable %s", name)
@@ -738,8 +733,7 @@ def _read_checked_pin_file(fd: int, path: str) -> bytes:
         size += len(chunk)
     if size > MAX_PIN_FILE_BYTES:
         raise ConfigError(
-            f"PIN file {path} is larger than {MAX_PIN_FILE_BYTES} bytes; it must hold only the "
-            "PIN"
+            f"PIN file {path} is larger than {MAX_PIN_FILE_BYTES} bytes; it must hold only the PIN"
         )
     return b"".join(chunks)
 
@@ -831,9 +825,7 @@ def _split_scheme(text: str, scheme: str, example: str) -> tuple[str, str]:
     return path, query
 
 
-def _parse_query_pairs(
-    query: str, scheme: str, known: Iterable[str]
-) -> dict[str, str]:
+def _parse_query_pairs(query: str, scheme: str, known: Iterable[str]) -> dict[str, str]:
     """Parse ``name=value&...`` for the SDK's own schemes: known names only, each once."""
     known_names = tuple(known)
     values: dict[str, str] = {}
@@ -996,12 +988,16 @@ class SerialURI:
 
 def parse_key_uri(text: str) -> Pkcs11URI | Tpm2URI | SerialURI:
     """Parse a key URI of any scheme the SDK supports."""
-    scheme = text.partition(":")[0].lower() if isinstance(text, str) else ""
+    scheme, colon = "", ""
+    if isinstance(text, str):
+        scheme, colon, _ = text.partition(":")
+        scheme = scheme.lower()
     if scheme == "pkcs11":
         return Pkcs11URI.parse(text)
     if scheme == "tpm2":
         return Tpm2URI.parse(text)
     if scheme == "serial":
         return SerialURI.parse(text)
-    shown = f" {scheme!r}" if _SCHEME_RE.fullmatch(scheme) else ""
+    # Without a colon the text may be anything, a PIN included, so it is not shown.
+    shown = f" {scheme!r}" if colon and _SCHEME_RE.fullmatch(scheme) else ""
     raise URIError(f"unsupported key URI scheme{shown}: use pkcs11:, tpm2: or serial:")
