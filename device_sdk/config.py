@@ -14,7 +14,7 @@ A flat TOML table written by provisioning and read by every client::
     certificate_path = "/etc/device-sdk/device.pem"
     software_key_allowed = false
 
-The file holds no secret: a ``key_uri`` with a ``pin-value`` is rejected, and the PIN comes from
+The file contains no secret: a ``key_uri`` with a ``pin-value`` is rejected, and the PIN comes from
 ``pin_source`` (see :func:`device_sdk.keys.uri.read_pin_source`). :func:`save_config` still writes
 the file with mode 0600, because the file says which key and PIN file the device uses.
 """
@@ -57,7 +57,7 @@ class DeviceConfig:
     """The contents of a device config file, validated on construction.
 
     ``pin_source`` is None for keys that need no PIN (a TPM key without an auth value).
-    ``software_key_allowed`` records that provisioning was told to accept a software key.
+    ``software_key_allowed`` records that provisioning was allowed to use a software key.
     """
 
     device_id: str
@@ -146,7 +146,7 @@ class DeviceConfig:
             _check_url("broker_url", self.broker_url, ("mqtt", "mqtts", "ws", "wss"))
 
     def to_toml(self) -> str:
-        """Return the config as TOML text; absent optional fields are left out."""
+        """Return the config as TOML text, leaving out optional fields that are None."""
         table: dict[str, Any] = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -262,7 +262,7 @@ def _toml_type_name(value: object) -> str:
 
 
 def _warn_if_writable_by_others(path: Path) -> None:
-    # Whoever can rewrite the config can point the device at another verifier or key.
+    # A user who can rewrite the config can point the device at another verifier or key.
     with contextlib.suppress(OSError):
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o022:
@@ -279,9 +279,9 @@ def save_config(config: DeviceConfig, path: str | os.PathLike[str]) -> None:
     """Write ``config`` to ``path`` atomically, with mode 0600.
 
     The text goes to a temporary file in the same directory, created with mode 0600, and is
-    flushed to disk before it is renamed over ``path``; the directory is synced so the rename
-    survives a power cut. A reader sees the old file or the new one, never a partial file, and
-    a failed write leaves the old file as it was.
+    flushed to disk before it is renamed over ``path``. The directory is synced afterwards, so
+    the rename survives a power cut. A reader sees the old file or the new one, never a partial
+    file, and a failed write leaves the old file as it was.
     """
     config_path = Path(path)
     directory = config_path.parent

@@ -318,7 +318,7 @@ def test_load_errors(config_path: Path, changes: dict[str, str | None], fragment
         f"pkcs11:token=t?pin-value={SECRET}%zz",
     ],
 )
-def test_load_rejects_pin_value_without_showing_it(config_path: Path, key_uri: str) -> None:
+def test_load_rejects_key_uri_pin_value(config_path: Path, key_uri: str) -> None:
     write_config(config_path, config_text(key_uri=f'"{key_uri}"', backend='"pkcs11"'))
     with pytest.raises(ConfigError) as caught:
         load_config(config_path)
@@ -336,7 +336,7 @@ def test_pin_value_error_says_how_to_fix() -> None:
     assert "1234" not in message
 
 
-def test_pin_source_never_shown_when_not_a_location() -> None:
+def test_pin_source_value_not_shown() -> None:
     with pytest.raises(ConfigError) as caught:
         full_config(pin_source="1234")
     assert "invalid pin_source" in str(caught.value)

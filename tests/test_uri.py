@@ -305,6 +305,10 @@ SECRET_ERROR_CASES = [
     f"pkcs11:?pin-value={SECRET}#x",
     f"{SECRET}",
     f"pkcs11:token=a?pin-value={SECRET}&token=b",
+    f"pkcs11:?x-pin-value={SECRET}%zz",
+    f"pkcs11:?x-pin-value={SECRET} x",
+    f"pkcs11:?x-pin-value={SECRET}%FF",
+    f"pkcs11:x-password={SECRET}%",
 ]
 
 
@@ -330,6 +334,21 @@ def test_repr_redacts_pin_value() -> None:
     assert repr(uri) == "Pkcs11URI('pkcs11:token=t?pin-value=REDACTED')"
     assert SECRET not in repr([uri])
     assert SECRET not in repr({"key": uri})
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        (f"pkcs11:?x-pin-value={SECRET}", "pkcs11:?x-pin-value=REDACTED"),
+        (f"pkcs11:?X-Password={SECRET}&x-b=1", "pkcs11:?X-Password=REDACTED&x-b=1"),
+        (f"pkcs11:token=t;x-secret={SECRET}", "pkcs11:token=t;x-secret=REDACTED"),
+    ],
+)
+def test_secret_vendor_attributes_redacted(text: str, redacted: str) -> None:
+    uri = Pkcs11URI.parse(text)
+    assert str(uri) == redacted
+    assert SECRET not in repr(uri)
+    assert uri.format_unredacted() == text
 
 
 def test_format_unredacted_keeps_pin_value() -> None:
@@ -429,7 +448,7 @@ def test_uri_is_hashable_and_frozen() -> None:
         uri.token = "b"  # type: ignore[misc]
 
 
-def test_require_recognized_path_attributes_passes_without_vendor() -> None:
+def test_recognized_path_check_passes() -> None:
     Pkcs11URI.parse("pkcs11:token=a?x-vendor=1").require_recognized_path_attributes()
 
 
@@ -437,7 +456,7 @@ def test_require_recognized_path_attributes_passes_without_vendor() -> None:
 
 _TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=20)
 _VENDOR_NAME = st.from_regex(r"[a-zA-Z0-9_-]{1,12}", fullmatch=True).filter(
-    lambda name: name.lower() not in uri_module._STANDARD_NAMES
+    lambda name: name.lower() not in uri_module._STANDARD_NAMES and not uri_module._is_secret(name)
 )
 
 
@@ -456,6 +475,7 @@ def pkcs11_uris(draw: st.DrawFn) -> Pkcs11URI:
         "library_description",
     ):
         fields[name] = draw(st.none() | _TEXT)
+
     fields["id"] = draw(st.none() | st.binary(max_size=20))
     fields["type"] = draw(st.none() | st.sampled_from(sorted(uri_module.OBJECT_TYPES)))
     fields["slot_id"] = draw(st.none() | st.integers(0, 2**64 - 1))
@@ -464,11 +484,13 @@ def pkcs11_uris(draw: st.DrawFn) -> Pkcs11URI:
     )
     fields["module_path"] = draw(st.none() | _TEXT.map(lambda text: "/" + text))
     fields["module_name"] = draw(st.none() | _TEXT.filter(lambda text: text and "/" not in text))
+
     pin = draw(st.sampled_from(["none", "source", "value"]))
     if pin == "source":
         fields["pin_source"] = draw(_TEXT)
     elif pin == "value":
         fields["pin_value"] = draw(_TEXT)
+
     vendor_path = draw(
         st.lists(st.tuples(_VENDOR_NAME, _TEXT), max_size=3, unique_by=lambda p: p[0])
     )

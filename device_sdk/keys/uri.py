@@ -22,19 +22,22 @@ value. A ``pin-value`` is never shown in a message, a ``str()`` or a ``repr()``.
 
 ``pkcs11:`` URIs follow RFC 7512:
 
-- The path (before ``?``) holds ``;``-separated attributes that select a token, slot, library or
-  object. The query (after ``?``) holds ``&``-separated attributes that say how to use it:
+- The path (before ``?``) contains ``;``-separated attributes that select a token, slot, library or
+  object. The query (after ``?``) contains ``&``-separated attributes that say how to use it:
   ``module-path``, ``module-name``, ``pin-source`` and ``pin-value``.
 - Values are percent-decoded into bytes. ``id`` stays bytes, every other value must be UTF-8.
   Formatting percent-encodes every byte outside the characters that RFC 7512 allows unencoded in
   that component, and encodes every byte of ``id``.
 - A standard attribute, or a vendor attribute in the path, may appear only once. RFC 7512 lets a
   vendor attribute repeat in the query, so those are kept in order.
-- Vendor attributes (any other name of letters, digits, ``-`` and ``_``; the old ``x-`` prefix is
-  one case) are kept and written back. RFC 7512 says that an unrecognized path attribute should
-  make the URI match no object, so a backend calls
+- Vendor attributes, named with letters, digits, ``-`` and ``_`` (the old ``x-`` prefix
+  included), are kept and written back. Those whose name contains ``pin-value``, ``password`` or
+  ``secret`` are redacted like ``pin-value``. RFC 7512 says that an unrecognized path
+  attribute should make the URI match no object, so a backend calls
   :meth:`Pkcs11URI.require_recognized_path_attributes` before it looks a key up. Unrecognized
   query attributes are ignored, as RFC 7512 says, but still kept for formatting.
+  NOTE: these two rules follow RFC 7512 section 2.5 as remembered. Only the grammar of section
+  2.3 was checked against the RFC's ABNF.
 - A standard name in the wrong component (``pin-value`` in the path, ``token`` in the query) and a
   standard name in other letter case (``Token``) are rejected rather than read as vendor
   attributes, so a misplaced PIN never ends up in an unredacted vendor attribute.
@@ -84,7 +87,8 @@ REDACTED: Final = "REDACTED"
 
 OBJECT_TYPES: Final = frozenset({"private", "public", "cert", "secret-key", "data"})
 
-# CK_SLOT_ID is a CK_ULONG, which is 64 bits wide on every platform the SDK runs on.
+# CK_SLOT_ID is a CK_ULONG: 64 bits on 64-bit Linux, 32 bits on armhf. The parser accepts the
+# wider range and leaves a slot the platform cannot name to the token lookup.
 MAX_SLOT_ID: Final = 2**64 - 1
 
 # The library-version attribute maps to CK_VERSION, whose major and minor are CK_BYTEs.
@@ -116,7 +120,7 @@ MODULE_SEARCH_DIRS: Final = (
     "/opt/homebrew/lib",
 )
 
-# A PIN file holds one PIN; anything this large is the wrong file.
+# A PIN file contains one PIN, so anything this large is the wrong file.
 MAX_PIN_FILE_BYTES: Final = 4096
 
 # Characters left unencoded when formatting (RFC 7512 pk11-pchar and pk11-qchar without
@@ -173,7 +177,14 @@ _TEXT_FIELDS: Final = (
     "pin_source",
     "pin_value",
 )
-_SECRET_ATTRIBUTES: Final = frozenset({"pin-value"})
+# Vendor attributes whose name contains one of these (such as x-pin-value, from drafts of
+# RFC 7512) are treated like pin-value: redacted in str() and repr() and never quoted in errors.
+_SECRET_NAME_PARTS: Final = ("pin-value", "password", "secret")
+
+
+def _is_secret(attribute: str) -> bool:
+    lowered = attribute.lower()
+    return any(part in lowered for part in _SECRET_NAME_PARTS)
 
 
 # --- percent-encoding -----------------------------------------------------------------------
@@ -181,7 +192,7 @@ _SECRET_ATTRIBUTES: Final = frozenset({"pin-value"})
 
 def _describe(attribute: str, raw: str) -> str:
     """Name an attribute and its value for an error message, hiding secret values."""
-    if attribute in _SECRET_ATTRIBUTES:
+    if _is_secret(attribute):
         return f"attribute {attribute!r} (value not shown)"
     return f"attribute {attribute!r} value {raw!r}"
 
@@ -196,7 +207,7 @@ def _percent_decode(raw: str, attribute: str, accepted: frozenset[str]) -> bytes
         if char == "%":
             pair = raw[index + 1 : index + 3]
             if len(pair) != 2 or not all(digit in _HEX_DIGITS for digit in pair):
-                escape = "" if attribute in _SECRET_ATTRIBUTES else f" {raw[index : index + 3]!r}"
+                escape = "" if _is_secret(attribute) else f" {raw[index : index + 3]!r}"
                 raise URIError(
                     f"invalid percent escape{escape} in {_describe(attribute, raw)}: "
                     "% must be followed by two hex digits; write a literal % as %25"
@@ -206,7 +217,7 @@ def _percent_decode(raw: str, attribute: str, accepted: frozenset[str]) -> bytes
             continue
 
         if char not in accepted:
-            shown = "a character" if attribute in _SECRET_ATTRIBUTES else repr(char)
+            shown = "a character" if _is_secret(attribute) else repr(char)
             raise URIError(
                 f"{shown} in {_describe(attribute, raw)} must be percent-encoded "
                 "(as %XX for each UTF-8 byte)"
@@ -236,7 +247,7 @@ def _percent_encode(data: bytes, safe: frozenset[str]) -> str:
 
 
 def _split_attribute(part: str, component: str) -> tuple[str, str]:
-    """Split ``name=value`` and check the name's characters; never echo a possible PIN."""
+    """Split ``name=value`` and check the name's characters, without echoing a possible PIN."""
     name, equals, raw = part.partition("=")
     if not equals:
         # Not shown: a bare query word may be a PIN typed without "pin-value=".
@@ -394,7 +405,7 @@ class Pkcs11URI:
 
     @classmethod
     def parse(cls, text: str) -> Pkcs11URI:
-        """Parse a ``pkcs11:`` URI; raise URIError naming the attribute and value at fault."""
+        """Parse a ``pkcs11:`` URI, raising URIError that names the attribute and value at fault."""
         if not isinstance(text, str):
             raise URIError(f"a pkcs11: URI must be a string, got {type(text).__name__}")
         scheme, colon, rest = text.partition(":")
@@ -418,19 +429,17 @@ class Pkcs11URI:
             if value is not None:
                 path_parts.append(f"{attribute}={_format_path_value(attribute, value)}")
         for name, text in self.vendor_path:
-            path_parts.append(f"{name}={_percent_encode(text.encode(), _PATH_SAFE)}")
+            encoded = REDACTED if redact and _is_secret(name) else _encode_path_text(text)
+            path_parts.append(f"{name}={encoded}")
 
         query_parts = []
         for attribute, field in _QUERY_ATTRIBUTES:
             value = getattr(self, field)
             if value is None:
                 continue
-            if redact and attribute in _SECRET_ATTRIBUTES:
-                query_parts.append(f"{attribute}={REDACTED}")
-            else:
-                query_parts.append(f"{attribute}={_percent_encode(value.encode(), _QUERY_SAFE)}")
+            query_parts.append(f"{attribute}={_format_query_value(attribute, value, redact)}")
         for name, text in self.vendor_query:
-            query_parts.append(f"{name}={_percent_encode(text.encode(), _QUERY_SAFE)}")
+            query_parts.append(f"{name}={_format_query_value(name, text, redact)}")
 
         result = "pkcs11:" + ";".join(path_parts)
         if query_parts:
@@ -457,7 +466,7 @@ class Pkcs11URI:
         return dataclasses.replace(self, **changes)
 
     def require_recognized_path_attributes(self) -> None:
-        """Raise URIError if the path holds a vendor attribute.
+        """Raise URIError if the path contains a vendor attribute.
 
         RFC 7512 says an unrecognized path attribute should make the URI match no object, and
         the SDK recognizes no vendor attribute, so a key lookup must stop here rather than
@@ -573,11 +582,21 @@ def _parse_query(query: str) -> dict[str, object]:
                 raise URIError(f"duplicate query attribute {name!r}: give each attribute once")
             fields[field] = _decode_text(raw, name, _QUERY_ACCEPTED)
         else:
-            # RFC 7512 lets vendor query attributes repeat; they are ignored but kept.
+            # RFC 7512 lets vendor query attributes repeat, so all are kept in order.
             vendor.append((name, _decode_text(raw, name, _QUERY_ACCEPTED)))
 
     fields["vendor_query"] = tuple(vendor)
     return fields
+
+
+def _encode_path_text(text: str) -> str:
+    return _percent_encode(text.encode(), _PATH_SAFE)
+
+
+def _format_query_value(attribute: str, value: str, redact: bool) -> str:
+    if redact and _is_secret(attribute):
+        return REDACTED
+    return _percent_encode(value.encode(), _QUERY_SAFE)
 
 
 def _format_path_value(attribute: str, value: object) -> str:
@@ -591,7 +610,7 @@ def _format_path_value(attribute: str, value: object) -> str:
         major, minor = value
         return str(major) if minor == 0 else f"{major}.{minor}"
     assert isinstance(value, str)
-    return _percent_encode(value.encode(), _PATH_SAFE)
+    return _encode_path_text(value)
 
 
 # --- PIN reading ----------------------------------------------------------------------------
@@ -636,7 +655,7 @@ def parse_pin_source(source: str) -> tuple[str, str]:
     if source.startswith("file:"):
         path = source[len("file:") :]
         if path.startswith("//"):
-            # RFC 8089: file://HOST/path, where only an empty host or localhost means this host.
+            # A file URI may name a host after "//": only an empty host or localhost is local.
             host, slash, rest = path[2:].partition("/")
             if host not in ("", "localhost") or not slash:
                 raise ConfigError(
@@ -679,7 +698,7 @@ def _read_pin_env(name: str) -> str:
 def _read_pin_file(path: str) -> str:
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
     try:
-        # O_NONBLOCK keeps a FIFO from blocking the open; fstat below rejects it.
+        # O_NONBLOCK keeps a FIFO from blocking the open, and the fstat check below rejects it.
         fd = os.open(path, flags)
     except FileNotFoundError:
         raise ConfigError(
@@ -805,7 +824,7 @@ def _module_file_names(name: str) -> tuple[str, ...]:
 
 # --- tpm2: and serial: ----------------------------------------------------------------------
 
-# TPM 2.0 persistent object handles (TPM_HT_PERSISTENT, Part 2 of the TPM 2.0 specification).
+# Persistent TPM 2.0 object handles: handle type TPM_HT_PERSISTENT (0x81) in the top byte.
 TPM2_PERSISTENT_FIRST: Final = 0x81000000
 TPM2_PERSISTENT_LAST: Final = 0x81FFFFFF
 
@@ -885,7 +904,7 @@ class Tpm2URI:
 
     @classmethod
     def parse(cls, text: str) -> Tpm2URI:
-        """Parse a ``tpm2:`` URI; raise URIError naming the attribute and value at fault."""
+        """Parse a ``tpm2:`` URI, raising URIError that names the attribute and value at fault."""
         path, query = _split_scheme(text, "tpm2", "tpm2:handle=0x81000010")
         attributes: dict[str, str] = {}
         if path:
@@ -962,7 +981,7 @@ class SerialURI:
 
     @classmethod
     def parse(cls, text: str) -> SerialURI:
-        """Parse a ``serial:`` URI; raise URIError naming the attribute and value at fault."""
+        """Parse a ``serial:`` URI, raising URIError that names the attribute and value at fault."""
         path, query = _split_scheme(text, "serial", "serial:/dev/ttyACM0?baud=115200&slot=0")
         if path.startswith("//"):
             raise URIError(
