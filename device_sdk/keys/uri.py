@@ -190,11 +190,30 @@ def _is_secret(attribute: str) -> bool:
 # --- percent-encoding -----------------------------------------------------------------------
 
 
+# Longer values are cut in error messages, so a hostile URI cannot flood a log.
+MAX_SHOWN_VALUE: Final = 80
+
+
 def _describe(attribute: str, raw: str) -> str:
     """Name an attribute and its value for an error message, hiding secret values."""
     if _is_secret(attribute):
         return f"attribute {attribute!r} (value not shown)"
+    if len(raw) > MAX_SHOWN_VALUE:
+        return f"attribute {attribute!r} value {raw[:MAX_SHOWN_VALUE]!r}... ({len(raw)} characters)"
     return f"attribute {attribute!r} value {raw!r}"
+
+
+def _parse_decimal(text: str, attribute: str, raw: str, maximum: int) -> int:
+    """Parse a decimal number of at most ``maximum``; ``raw`` is the value as written."""
+    if not _DIGITS_RE.fullmatch(text):
+        raise URIError(f"invalid {_describe(attribute, raw)}: {attribute} is a decimal number")
+
+    # The length check keeps int() away from huge digit strings, which it would reject with a
+    # ValueError (Python limits int() to 4300 digits) or parse slowly.
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(maximum)) or int(digits) > maximum:
+        raise URIError(f"invalid {_describe(attribute, raw)}: {attribute} is at most {maximum}")
+    return int(digits)
 
 
 def _percent_decode(raw: str, attribute: str, accepted: frozenset[str]) -> bytes:
@@ -455,7 +474,7 @@ class Pkcs11URI:
     def format_unredacted(self) -> str:
         """Return the canonical form including the real ``pin-value``.
 
-        For handing the URI to another process that needs the PIN; never log or print it.
+        Use it only to hand the URI to code that needs the PIN, and never log or print it.
         """
         return self._format(redact=False)
 
@@ -527,37 +546,32 @@ def _parse_path_value(name: str, raw: str) -> object:
     if name == "id":
         return _percent_decode(raw, name, _PATH_SAFE)
 
+    # RFC 3986 makes a percent-encoded unreserved character equal to the character itself, so
+    # numbers and type names are compared after decoding.
+    text = _decode_text(raw, name, _PATH_SAFE)
+
     if name == "slot-id":
-        if not _DIGITS_RE.fullmatch(raw):
-            raise URIError(f"invalid {_describe(name, raw)}: slot-id is a decimal number")
-        slot_id = int(raw)
-        if slot_id > MAX_SLOT_ID:
-            raise URIError(f"invalid {_describe(name, raw)}: a CK_SLOT_ID is at most {MAX_SLOT_ID}")
-        return slot_id
+        return _parse_decimal(text, name, raw, MAX_SLOT_ID)
 
     if name == "library-version":
-        match = _VERSION_RE.fullmatch(raw)
+        match = _VERSION_RE.fullmatch(text)
         if match is None:
             raise URIError(
                 f"invalid {_describe(name, raw)}: write MAJOR or MAJOR.MINOR in decimal, "
                 "such as 2 or 2.6"
             )
-        version = (int(match.group(1)), int(match.group(2) or 0))
-        if not all(0 <= part <= MAX_VERSION_PART for part in version):
-            raise URIError(
-                f"invalid {_describe(name, raw)}: major and minor are each between 0 and "
-                f"{MAX_VERSION_PART}"
-            )
-        return version
+        major = _parse_decimal(match.group(1), name, raw, MAX_VERSION_PART)
+        minor = _parse_decimal(match.group(2) or "0", name, raw, MAX_VERSION_PART)
+        return (major, minor)
 
     if name == "type":
-        if raw not in OBJECT_TYPES:
+        if text not in OBJECT_TYPES:
             raise URIError(
                 f"invalid {_describe(name, raw)}: use one of {', '.join(sorted(OBJECT_TYPES))}"
             )
-        return raw
+        return text
 
-    return _decode_text(raw, name, _PATH_SAFE)
+    return text
 
 
 def _parse_query(query: str) -> dict[str, object]:
@@ -828,6 +842,11 @@ def _module_file_names(name: str) -> tuple[str, ...]:
 TPM2_PERSISTENT_FIRST: Final = 0x81000000
 TPM2_PERSISTENT_LAST: Final = 0x81FFFFFF
 
+TPM2_HANDLE_MAX: Final = 0xFFFFFFFF
+
+# The serial: numbers are at most 32 bits, the width of termios speed_t on Linux.
+SERIAL_NUMBER_MAX: Final = 0xFFFFFFFF
+
 # Path values of the SDK's own schemes may hold "/" unencoded, as in tpm2:path=/var/lib/key.pem.
 _SCHEME_PATH_SAFE: Final = _PATH_SAFE | frozenset("/")
 
@@ -941,11 +960,15 @@ class Tpm2URI:
 
 
 def _parse_tpm2_handle(raw: str) -> int:
-    digits = raw[2:] if raw[:2].lower() == "0x" else None
-    if digits and all(char in _HEX_DIGITS for char in digits):
-        return int(digits, 16)
-    if _DIGITS_RE.fullmatch(raw):
-        return int(raw)
+    text = _decode_text(raw, "handle", _SCHEME_PATH_SAFE)
+    hex_digits = text[2:] if text[:2].lower() == "0x" else None
+    if hex_digits and all(char in _HEX_DIGITS for char in hex_digits):
+        # Handles are 32 bits, so more significant digits cannot name one.
+        if len(hex_digits.lstrip("0")) > 8:
+            raise URIError(f"invalid {_describe('handle', raw)}: a TPM handle has 32 bits")
+        return int(hex_digits, 16)
+    if _DIGITS_RE.fullmatch(text):
+        return _parse_decimal(text, "handle", raw, TPM2_HANDLE_MAX)
     raise URIError(
         f"invalid {_describe('handle', raw)}: write the persistent handle in hex, "
         "as in handle=0x81000010"
@@ -995,9 +1018,7 @@ class SerialURI:
         values = _parse_query_pairs(query, "serial", ("baud", "slot"))
         numbers: dict[str, int] = {}
         for name, value in values.items():
-            if not _DIGITS_RE.fullmatch(value):
-                raise URIError(f"invalid {_describe(name, value)}: {name} is a decimal number")
-            numbers[name] = int(value)
+            numbers[name] = _parse_decimal(value, name, value, SERIAL_NUMBER_MAX)
         return cls(device=device, **numbers)
 
     def __str__(self) -> str:
