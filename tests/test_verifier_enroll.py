@@ -333,10 +333,8 @@ def test_assertion_as_access_token(verifier: Verifier, device: Device) -> None:
 def test_access_token_of_other_verifier(
     verifier: Verifier, device: Device, tmp_path: Path, clock: ManualClock
 ) -> None:
-    other = (
-        make_verifier(tmp_path / "other", clock) if (tmp_path / "other").mkdir() is None else None
-    )
-    assert other is not None
+    (tmp_path / "other").mkdir()
+    other = make_verifier(tmp_path / "other", clock)
     other_device = enroll(other)
     verified = other.verify_assertion(http_assertion(other, other_device), audience_kind="http")
     token = other.issue_access_token(verified)["access_token"]
