@@ -94,10 +94,10 @@ class DeviceConfig:
             if expected is Path and isinstance(value, str):
                 object.__setattr__(self, field.name, Path(value))
                 continue
+            # The value is not shown: a PIN put in the wrong field must not reach a log.
             if not _has_type(value, expected):
                 raise ConfigError(
-                    f"{field.name} must be {_TYPE_NAMES[expected]}, "
-                    f"got {type(value).__name__} {value!r}"
+                    f"{field.name} must be {_TYPE_NAMES[expected]}, got {type(value).__name__}"
                 )
 
     def _check_device_id(self) -> None:
@@ -109,6 +109,12 @@ class DeviceConfig:
             )
 
     def _check_key_uri(self) -> None:
+        if self.pin_source is not None:
+            try:
+                parse_pin_source(self.pin_source)
+            except ConfigError as exc:
+                raise ConfigError(f"invalid pin_source: {exc}") from None
+
         # URIError messages never quote a pin-value, so the error can be passed on as it is.
         try:
             key_uri = parse_key_uri(self.key_uri)
@@ -117,12 +123,6 @@ class DeviceConfig:
         if isinstance(key_uri, Pkcs11URI):
             self._check_pkcs11_pin_source(key_uri)
 
-        if self.pin_source is not None:
-            try:
-                parse_pin_source(self.pin_source)
-            except ConfigError as exc:
-                raise ConfigError(f"invalid pin_source: {exc}") from None
-
     def _check_pkcs11_pin_source(self, key_uri: Pkcs11URI) -> None:
         if key_uri.pin_value is not None:
             raise ConfigError(
@@ -130,6 +130,11 @@ class DeviceConfig:
                 "it, write the PIN to a file of mode 0600 and set "
                 'pin_source = "file:/path/to/pin"'
             )
+        if key_uri.pin_source is not None:
+            try:
+                parse_pin_source(key_uri.pin_source)
+            except ConfigError as exc:
+                raise ConfigError(f"invalid pin-source in key_uri: {exc}") from None
         if (
             key_uri.pin_source is not None
             and self.pin_source is not None
@@ -253,7 +258,7 @@ def _toml_type_name(value: object) -> str:
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, int | float):
-        return f"a number ({value})"
+        return "a number"
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):

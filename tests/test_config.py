@@ -278,9 +278,10 @@ LOAD_ERRORS = [
     ({"colour": '"blue"'}, ["unknown field(s) colour", "known fields: device_id, key_uri"]),
     ({"pin_value": '"1234"'}, ["unknown field(s) pin_value"]),
     ({"hardware_backed": '"yes"'}, ["field hardware_backed must be a boolean", "got str"]),
-    ({"hardware_backed": "1"}, ["field hardware_backed must be a boolean", "a number (1)"]),
+    ({"hardware_backed": "1"}, ["field hardware_backed must be a boolean", "got a number"]),
     ({"software_key_allowed": '"no"'}, ["field software_key_allowed must be a boolean"]),
-    ({"backend": "1"}, ["field backend must be a string", "a number (1)"]),
+    ({"backend": "1"}, ["field backend must be a string", "got a number"]),
+    ({"pin_source": "1234"}, ["field pin_source must be a string", "got a number"]),
     ({"algorithm": "true"}, ["field algorithm must be a string", "a boolean"]),
     ({"verifier_url": "{ host = 'a' }"}, ["field verifier_url must be a string", "a table"]),
     ({"ca_bundle": '["a", "b"]'}, ["field ca_bundle must be a path string", "an array"]),
@@ -336,11 +337,27 @@ def test_pin_value_error_says_how_to_fix() -> None:
     assert "1234" not in message
 
 
-def test_pin_source_value_not_shown() -> None:
+@pytest.mark.parametrize("pin_source", ["1234", 1234, b"1234"])
+def test_pin_source_value_not_shown(pin_source: object) -> None:
     with pytest.raises(ConfigError) as caught:
-        full_config(pin_source="1234")
-    assert "invalid pin_source" in str(caught.value)
+        full_config(pin_source=pin_source)
+    assert "pin_source" in str(caught.value)
     assert "1234" not in str(caught.value)
+
+
+def test_load_pin_number_not_shown(config_path: Path) -> None:
+    write_config(config_path, config_text(pin_source="987654"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_path)
+    assert "987654" not in str(caught.value)
+
+
+def test_key_uri_pin_source_must_be_readable() -> None:
+    with pytest.raises(ConfigError) as caught:
+        full_config(key_uri="pkcs11:token=t?pin-source=1234", pin_source=None)
+    message = str(caught.value)
+    assert "invalid pin-source in key_uri" in message
+    assert "1234" not in message
 
 
 def test_conflicting_pin_sources() -> None:
