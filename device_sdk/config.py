@@ -16,7 +16,7 @@ A flat TOML table written by provisioning and read by every client::
 
 The file contains no secret: a ``key_uri`` with a ``pin-value`` is rejected, and the PIN comes from
 ``pin_source`` (see :func:`device_sdk.keys.uri.read_pin_source`). :func:`save_config` still writes
-the file with mode 0600, because the file says which key and PIN file the device uses.
+the file with mode 0600, because the file names the key and PIN file that the device uses.
 """
 
 from __future__ import annotations

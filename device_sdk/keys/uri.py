@@ -23,7 +23,7 @@ value. A ``pin-value`` is never shown in a message, a ``str()`` or a ``repr()``.
 ``pkcs11:`` URIs follow RFC 7512:
 
 - The path (before ``?``) contains ``;``-separated attributes that select a token, slot, library or
-  object. The query (after ``?``) contains ``&``-separated attributes that say how to use it:
+  object. The query (after ``?``) contains ``&``-separated attributes that tell the consumer how to use it:
   ``module-path``, ``module-name``, ``pin-source`` and ``pin-value``.
 - Values are percent-decoded into bytes. ``id`` stays bytes, every other value must be UTF-8.
   Formatting percent-encodes every byte outside the characters that RFC 7512 allows unencoded in
@@ -236,9 +236,9 @@ def _percent_decode(raw: str, attribute: str, accepted: frozenset[str]) -> bytes
             continue
 
         if char not in accepted:
-            shown = "a character" if _is_secret(attribute) else repr(char)
+            character = "a character" if _is_secret(attribute) else repr(char)
             raise URIError(
-                f"{shown} in {_describe(attribute, raw)} must be percent-encoded "
+                f"{character} in {_describe(attribute, raw)} must be percent-encoded "
                 "(as %XX for each UTF-8 byte)"
             )
         decoded.append(ord(char))
@@ -487,9 +487,9 @@ class Pkcs11URI:
     def require_recognized_path_attributes(self) -> None:
         """Raise URIError if the path contains a vendor attribute.
 
-        RFC 7512 says an unrecognized path attribute should make the URI match no object, and
-        the SDK recognizes no vendor attribute, so a key lookup must stop here rather than
-        ignore the attribute and match more objects than the URI names.
+        RFC 7512 recommends that an unrecognized path attribute make the URI match no object.
+        The SDK recognizes no vendor attribute, so a key lookup stops here instead of ignoring
+        the attribute and matching more objects than the URI names.
         """
         if self.vendor_path:
             names = ", ".join(repr(name) for name, _ in self.vendor_path)
@@ -1039,5 +1039,5 @@ def parse_key_uri(text: str) -> Pkcs11URI | Tpm2URI | SerialURI:
     if scheme == "serial":
         return SerialURI.parse(text)
     # Without a colon the text may be anything, a PIN included, so it is not shown.
-    shown = f" {scheme!r}" if colon and _SCHEME_RE.fullmatch(scheme) else ""
-    raise URIError(f"unsupported key URI scheme{shown}: use pkcs11:, tpm2: or serial:")
+    scheme_text = f" {scheme!r}" if colon and _SCHEME_RE.fullmatch(scheme) else ""
+    raise URIError(f"unsupported key URI scheme{scheme_text}: use pkcs11:, tpm2: or serial:")
