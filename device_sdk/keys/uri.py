@@ -22,9 +22,9 @@ value. A ``pin-value`` is never shown in a message, a ``str()`` or a ``repr()``.
 
 ``pkcs11:`` URIs follow RFC 7512:
 
-- The path (before ``?``) contains ``;``-separated attributes that select a token, slot, library or
-  object. The query (after ``?``) contains ``&``-separated attributes that tell the consumer how to use it:
-  ``module-path``, ``module-name``, ``pin-source`` and ``pin-value``.
+- The path (before ``?``) contains ``;``-separated attributes that select a token, slot,
+  library or object. The query (after ``?``) contains ``&``-separated attributes that tell the
+  consumer how to use it: ``module-path``, ``module-name``, ``pin-source`` and ``pin-value``.
 - Values are percent-decoded into bytes. ``id`` stays bytes, every other value must be UTF-8.
   Formatting percent-encodes every byte outside the characters that RFC 7512 allows unencoded in
   that component, and encodes every byte of ``id``.
