@@ -1,0 +1,396 @@
+"""``device-sdk verifier``: serve the verifier, create enrollment tokens, manage devices.
+
+The commands that manage the registry open the same SQLite database that ``serve`` uses, so
+they work while a server is running. Nothing here prints a secret, except the enrollment tokens
+that ``enrollment-token create`` exists to print, and those go to stdout only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from device_sdk.errors import ConfigError, VerificationError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8443
+
+# The management commands never check an assertion, so the issuer they configure is unused.
+MANAGEMENT_ISSUER = "http://127.0.0.1"
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "verifier",
+        help="run the reference verifier and manage its devices",
+        description="Serve the verifier's HTTP API, create enrollment tokens, list and revoke "
+        "devices.",
+    )
+    commands = parser.add_subparsers(dest="verifier_command", metavar="COMMAND")
+    commands.required = True
+    _register_serve(commands)
+    _register_enrollment_tokens(commands)
+    _register_devices(commands)
+
+
+def _add_db_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db", required=True, metavar="PATH", help="SQLite database of devices and challenges"
+    )
+
+
+def _register_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "serve",
+        help="serve the verifier's HTTP API with uvicorn",
+        description="Serve challenges, tokens, enrollment, JWKS and the broker auth webhooks.",
+    )
+    _add_db_option(parser)
+    parser.add_argument(
+        "--redis", metavar="URL",
+        help="keep challenges in Redis (redis://host:port/db) so several verifiers share them",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default: {DEFAULT_PORT})"
+    )
+    parser.add_argument("--tls-cert", metavar="PEM", help="server certificate chain (PEM)")
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert (PEM)")
+    parser.add_argument(
+        "--issuer", metavar="URL",
+        help="public URL of this verifier, the aud of HTTP logins "
+        "(default: the scheme, host and port it listens on)",
+    )
+    parser.add_argument(
+        "--issuer-cert", action="append", default=[], metavar="PEM",
+        help="another certificate clients may see for the issuer URL (a rotation or a TLS "
+        "terminating proxy); repeatable. --tls-cert is always included",
+    )
+    parser.add_argument(
+        "--broker-audience", action="append", default=[], metavar="URL",
+        help="broker URL whose MQTT logins this verifier checks, e.g. mqtt://127.0.0.1:1883; "
+        "repeatable",
+    )
+    parser.add_argument(
+        "--broker-cert", action="append", default=[], nargs=2, metavar=("URL", "PEM"),
+        help="certificate of a TLS broker audience (mqtts://), for channel binding; repeatable",
+    )
+    parser.add_argument(
+        "--signing-key", metavar="PEM",
+        help="access-token signing key, created if absent (default: beside the database)",
+    )
+    parser.add_argument(
+        "--leeway", type=int, default=30, metavar="SECONDS",
+        help="clock skew allowed on iat and exp, in seconds (default: 30)",
+    )
+    parser.add_argument(
+        "--access-token-lifetime", type=int, default=300, metavar="SECONDS",
+        help="lifetime of access tokens in seconds (default: 300)",
+    )
+    parser.add_argument(
+        "--no-rate-limits", action="store_true",
+        help="turn off the per-device and per-address rate limits (benchmarks and tests only)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        help="level of the server and audit logs (default: info)",
+    )
+    parser.set_defaults(handler=run_serve)
+
+
+def _register_enrollment_tokens(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    parser = commands.add_parser(
+        "enrollment-token", help="create one-time enrollment tokens",
+        description="Manage the one-time tokens that let a device enroll its key.",
+    )
+    actions = parser.add_subparsers(dest="token_command", metavar="ACTION")
+    actions.required = True
+    create = actions.add_parser(
+        "create", help="create enrollment tokens and print them to stdout",
+        description="Create one-time enrollment tokens. Only their hashes are stored, so this "
+        "is the only time the tokens are shown: hand them to provisioning in a file of mode 0600.",
+    )
+    _add_db_option(create)
+    create.add_argument("--count", type=int, default=1, help="number of tokens (default: 1)")
+    lifetime = create.add_mutually_exclusive_group()
+    lifetime.add_argument(
+        "--lifetime", type=int, metavar="SECONDS",
+        help="seconds until an unused token expires (default: 7 days)",
+    )
+    lifetime.add_argument(
+        "--never-expire", action="store_true", help="tokens stay valid until used"
+    )
+    create.add_argument("--json", action="store_true", help="print one JSON object")
+    create.set_defaults(handler=run_create_tokens)
+
+
+def _register_devices(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "devices", help="list, show and revoke enrolled devices",
+        description="Inspect and revoke the devices in the registry.",
+    )
+    actions = parser.add_subparsers(dest="devices_command", metavar="ACTION")
+    actions.required = True
+
+    listing = actions.add_parser("list", help="list every enrolled device")
+    _add_db_option(listing)
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    listing.set_defaults(handler=run_list_devices)
+
+    show = actions.add_parser("show", help="show one device record")
+    _add_db_option(show)
+    show.add_argument("device_id", help="the device id (43 base64url characters)")
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.set_defaults(handler=run_show_device)
+
+    revoke = actions.add_parser(
+        "revoke", help="revoke a device: no more challenges, logins or access tokens",
+    )
+    _add_db_option(revoke)
+    revoke.add_argument("device_id", help="the device id (43 base64url characters)")
+    revoke.add_argument(
+        "--redis", metavar="URL",
+        help="the Redis URL the servers use, so the device's pending challenges are purged there",
+    )
+    revoke.add_argument("--json", action="store_true", help="print the revoked record as JSON")
+    revoke.set_defaults(handler=run_revoke_device)
+
+
+# serve
+
+
+def _listen_url(args: argparse.Namespace) -> str:
+    scheme = "https" if args.tls_cert else "http"
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    return f"{scheme}://{host}:{args.port}"
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """Build the :class:`VerifierConfig` that ``serve`` options describe."""
+    from device_sdk.verifier.config import VerifierConfig, channel_bindings_from_pem
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together: pass both for TLS, or neither")
+    issuer = (args.issuer or _listen_url(args)).rstrip("/")
+
+    issuer_certs = [args.tls_cert, *args.issuer_cert] if args.tls_cert else list(args.issuer_cert)
+    if issuer.startswith("https:") and not issuer_certs:
+        raise ConfigError(
+            f"issuer {issuer} is an https URL, so the verifier needs the certificates clients "
+            "see there for channel binding; pass --tls-cert or --issuer-cert"
+        )
+    http_bindings = channel_bindings_from_pem(*issuer_certs) if issuer.startswith("https:") else (
+        frozenset()
+    )
+
+    broker_certs: dict[str, list[str]] = {}
+    for url, path in args.broker_cert:
+        broker_certs.setdefault(url, []).append(path)
+    unknown = set(broker_certs) - set(args.broker_audience)
+    if unknown:
+        raise ConfigError(
+            f"--broker-cert names {sorted(unknown)}, which are not --broker-audience URLs"
+        )
+    brokers = {
+        url: channel_bindings_from_pem(*broker_certs[url]) if url in broker_certs else frozenset()
+        for url in args.broker_audience
+    }
+
+    settings: dict[str, Any] = {
+        "issuer": issuer,
+        "http_channel_bindings": http_bindings,
+        "broker_audiences": brokers,
+        "leeway": args.leeway,
+        "access_token_lifetime": args.access_token_lifetime,
+    }
+    if args.no_rate_limits:
+        settings.update(
+            challenge_limit_per_device=None,
+            challenge_limit_per_address=None,
+            failure_limit_per_device=None,
+        )
+    return VerifierConfig(**settings)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from device_sdk.verifier.app import create_app
+    from device_sdk.verifier.core import Verifier
+
+    config = build_config(args)
+    _check_database_dir(args.db)
+    logging.getLogger("device_sdk").setLevel(args.log_level.upper())
+    verifier = Verifier.open(
+        args.db, config, redis_url=args.redis, signing_key_path=args.signing_key
+    )
+    app = create_app(verifier)
+    brokers = ", ".join(config.broker_audiences) or "none"
+    print(
+        f"device-sdk verifier: serving {_listen_url(args)} (issuer {config.issuer}, brokers "
+        f"{brokers}, challenges in {'Redis' if args.redis else 'SQLite'})",
+        file=sys.stderr,
+    )
+    try:
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            ssl_certfile=args.tls_cert,
+            ssl_keyfile=args.tls_key,
+            log_level=args.log_level,
+            access_log=args.log_level == "debug",
+            log_config=None,
+        )
+    finally:
+        verifier.close()
+    return 0
+
+
+def _check_database_dir(db: str) -> None:
+    parent = Path(db).resolve().parent
+    if not parent.is_dir():
+        raise ConfigError(f"database directory {parent} does not exist; create it first")
+
+
+# enrollment tokens and devices
+
+
+def _open_management_verifier(db: str, redis_url: str | None = None, *, create: bool) -> Any:
+    from device_sdk.verifier.config import VerifierConfig
+    from device_sdk.verifier.core import Verifier
+    from device_sdk.verifier.registry import SQLiteDeviceRegistry
+    from device_sdk.verifier.stores import (
+        ChallengeStore,
+        RedisChallengeStore,
+        SQLiteChallengeStore,
+    )
+
+    if not create and not Path(db).is_file():
+        raise ConfigError(
+            f"no verifier database at {db}; pass the --db that `device-sdk verifier serve` uses"
+        )
+    _check_database_dir(db)
+    challenges: ChallengeStore
+    if redis_url:
+        challenges = RedisChallengeStore.from_url(redis_url)
+    else:
+        challenges = SQLiteChallengeStore(db)
+    return Verifier(
+        VerifierConfig(issuer=MANAGEMENT_ISSUER),
+        registry=SQLiteDeviceRegistry(db),
+        challenges=challenges,
+    )
+
+
+def run_create_tokens(args: argparse.Namespace) -> int:
+    if args.count < 1:
+        raise ConfigError(f"--count must be at least 1, got {args.count}")
+    if args.lifetime is not None and args.lifetime < 1:
+        raise ConfigError(f"--lifetime must be at least 1 second, got {args.lifetime}")
+
+    verifier = _open_management_verifier(args.db, create=True)
+    try:
+        now = verifier.now()
+        tokens = verifier.create_enrollment_tokens(
+            args.count, lifetime=args.lifetime, never_expire=args.never_expire
+        )
+        lifetime = None if args.never_expire else (
+            args.lifetime or verifier.config.enrollment_token_lifetime
+        )
+    finally:
+        verifier.close()
+
+    expires_at = None if lifetime is None else now + lifetime
+    if args.json:
+        print(json.dumps({"tokens": tokens, "expires_at": expires_at}))
+    else:
+        for token in tokens:
+            print(token)
+    return 0
+
+
+def _record_json(record: Any) -> dict[str, Any]:
+    data: dict[str, Any] = record.to_json()
+    return data
+
+
+def _timestamp(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _print_table(records: Sequence[Any]) -> None:
+    print(f"{'DEVICE ID':<43}  {'STATUS':<7}  {'ALG':<5}  {'BACKEND':<8}  HARDWARE  ENROLLED")
+    for record in records:
+        hardware = "yes" if record.hardware_backed else "no"
+        print(
+            f"{record.device_id:<43}  {record.status:<7}  {record.algorithm:<5}  "
+            f"{record.backend:<8}  {hardware:<8}  {_timestamp(record.enrolled_at)}"
+        )
+
+
+def run_list_devices(args: argparse.Namespace) -> int:
+    verifier = _open_management_verifier(args.db, create=False)
+    try:
+        records = verifier.list_devices()
+    finally:
+        verifier.close()
+    if args.json:
+        print(json.dumps([_record_json(record) for record in records], indent=2))
+    else:
+        _print_table(records)
+    return 0
+
+
+def run_show_device(args: argparse.Namespace) -> int:
+    verifier = _open_management_verifier(args.db, create=False)
+    try:
+        record = verifier.get_device(args.device_id)
+    finally:
+        verifier.close()
+    if record is None:
+        raise ConfigError(
+            f"device {args.device_id} is not enrolled in {args.db}; "
+            "`device-sdk verifier devices list` shows the enrolled ones"
+        )
+    if args.json:
+        print(json.dumps(_record_json(record), indent=2))
+    else:
+        for name, value in _record_json(record).items():
+            if name in ("enrolled_at", "revoked_at"):
+                value = _timestamp(value)
+            if name == "public_key_pem":
+                print(f"{name}:\n{str(value).rstrip()}")
+            else:
+                print(f"{name}: {value}")
+    return 0
+
+
+def run_revoke_device(args: argparse.Namespace) -> int:
+    verifier = _open_management_verifier(args.db, args.redis, create=False)
+    try:
+        record = verifier.revoke(args.device_id)
+    except VerificationError:
+        raise ConfigError(
+            f"device {args.device_id} is not enrolled in {args.db}; "
+            "`device-sdk verifier devices list` shows the enrolled ones"
+        ) from None
+    finally:
+        verifier.close()
+    if args.json:
+        print(json.dumps(_record_json(record), indent=2))
+    else:
+        print(f"revoked {record.device_id} at {_timestamp(record.revoked_at)}")
+    return 0

@@ -1,0 +1,409 @@
+"""The verifier's HTTP API: a FastAPI app over one :class:`~device_sdk.verifier.core.Verifier`.
+
+Endpoints (wire format in ``docs/protocol.md``):
+
+- ``POST /v1/challenges``, ``POST /v1/token``, ``POST /v1/enroll``
+- ``GET /.well-known/jwks.json``, ``GET /healthz``
+- ``GET /v1/whoami``: a sample protected resource that takes ``Authorization: Bearer``
+- ``POST /v1/broker/auth/rabbitmq/{user,vhost,resource,topic}``: RabbitMQ's HTTP auth backend
+  (form posts, plain ``allow`` or ``deny`` answers)
+- ``POST /v1/broker/auth/emqx``: EMQX-style JSON HTTP authentication
+
+Request bodies are read by hand, not through model binding, so every malformed request gets a
+4xx: 413 over :data:`MAX_BODY_BYTES`, 415 for another content type, 400 for anything that does
+not decode to the expected object. The verifier's rejections become a plain 401
+``{"error": "unauthorized"}`` (429 with ``Retry-After`` for rate limits); the reason goes to the
+audit log with the client address, never to the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from device_sdk.auth.encoding import loads_json_object
+from device_sdk.errors import ProtocolError, VerificationError
+from device_sdk.verifier.audit import log_decision
+from device_sdk.verifier.core import Verifier
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 32 * 1024
+"""Largest request body read. The biggest legitimate one is an enrollment with a 16 KiB CSR."""
+
+MAX_FORM_FIELDS = 32
+
+RABBITMQ_PREFIX = "/v1/broker/auth/rabbitmq"
+EMQX_PATH = "/v1/broker/auth/emqx"
+
+UNAUTHORIZED = {"error": "unauthorized"}
+RATE_LIMITED = {"error": "rate_limited"}
+
+JSON_TYPE = "application/json"
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+RABBITMQ_PERMISSIONS = frozenset({"configure", "write", "read"})
+
+
+class RequestRejected(Exception):
+    """A request rejected before it reached the verifier: bad size, type or shape."""
+
+    def __init__(self, status_code: int, error: str, detail: str) -> None:
+        self.status_code = status_code
+        self.error = error
+        self.detail = detail
+        super().__init__(f"HTTP {status_code} {error}: {detail}")
+
+
+def client_address(request: Request) -> str | None:
+    """Return the peer address of the request (the proxy's, unless uvicorn rewrites it)."""
+    return request.client.host if request.client is not None else None
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """Read the request body, stopping with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestRejected(400, "invalid_request", "Content-Length is not a number")
+        if int(declared) > limit:
+            raise RequestRejected(
+                413, "request_too_large", f"body of {declared} bytes exceeds {limit}"
+            )
+
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestRejected(413, "request_too_large", f"body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _require_media_type(request: Request, expected: str) -> None:
+    media_type = _media_type(request)
+    if media_type != expected:
+        raise RequestRejected(
+            415, "unsupported_media_type", f"content type {media_type[:64]!r}, expected {expected}"
+        )
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    """Read a JSON object body strictly: no duplicate keys, no NaN, UTF-8 only."""
+    _require_media_type(request, JSON_TYPE)
+    body = await read_body(request)
+    try:
+        return loads_json_object(body)
+    except ProtocolError as exc:
+        raise RequestRejected(400, "invalid_request", str(exc)) from None
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """Read a URL-encoded form body; a repeated field is an error, not a list."""
+    _require_media_type(request, FORM_TYPE)
+    body = await read_body(request)
+    try:
+        pairs = parse_qsl(
+            body.decode("utf-8"),
+            keep_blank_values=True,
+            strict_parsing=bool(body),
+            max_num_fields=MAX_FORM_FIELDS,
+        )
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RequestRejected(400, "invalid_request", f"form does not parse: {exc}") from None
+
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        if name in form:
+            raise RequestRejected(400, "invalid_request", f"form field {name[:64]!r} repeated")
+        form[name] = value
+    return form
+
+
+def require_string(data: Mapping[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str):
+        raise RequestRejected(400, "invalid_request", f"field {name!r} must be a string")
+    return value
+
+
+def require_bool(data: Mapping[str, Any], name: str) -> bool:
+    value = data.get(name)
+    if not isinstance(value, bool):
+        raise RequestRejected(400, "invalid_request", f"field {name!r} must be true or false")
+    return value
+
+
+def unauthorized(headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(UNAUTHORIZED, status_code=401, headers=dict(headers or {}))
+
+
+def rejection_response(exc: VerificationError) -> JSONResponse:
+    """Map a verifier rejection to 429 with ``Retry-After`` or to a plain 401."""
+    if exc.reason == "rate_limited":
+        wait = exc.retry_after if exc.retry_after is not None else 1.0
+        seconds = max(1, math.ceil(wait))
+        return JSONResponse(RATE_LIMITED, status_code=429, headers={"Retry-After": str(seconds)})
+    return unauthorized()
+
+
+def bearer_token(request: Request) -> str | None:
+    """Return the token of an ``Authorization: Bearer`` header, or None if there is none."""
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def create_app(
+    verifier: Verifier,
+    *,
+    rabbitmq_vhost: str = "/",
+    rabbitmq_exchange: str = "amq.topic",
+) -> FastAPI:
+    """Build the ASGI app for ``verifier``.
+
+    ``rabbitmq_vhost`` is the only virtual host devices may use, and ``rabbitmq_exchange`` the
+    exchange the RabbitMQ MQTT plugin publishes to (``mqtt.exchange``, ``amq.topic`` by default).
+    """
+    app = FastAPI(
+        title="device-sdk verifier",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.verifier = verifier
+
+    @app.exception_handler(RequestRejected)
+    async def request_rejected(request: Request, exc: RequestRejected) -> Response:
+        log_decision(
+            "request",
+            "reject",
+            reason="malformed",
+            client_address=client_address(request),
+            detail=exc.detail,
+            path=request.url.path,
+            status=exc.status_code,
+        )
+        return JSONResponse({"error": exc.error}, status_code=exc.status_code)
+
+    async def call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # The stores block on SQLite, Redis or PostgreSQL, so they run in the thread pool.
+        return await run_in_threadpool(function, *args, **kwargs)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/.well-known/jwks.json")
+    async def jwks() -> Response:
+        return JSONResponse(verifier.jwks(), headers={"Cache-Control": "public, max-age=300"})
+
+    @app.post("/v1/challenges")
+    async def challenges(request: Request) -> Response:
+        body = await read_json_object(request)
+        device_id = require_string(body, "device_id")
+        audience = require_string(body, "audience")
+        try:
+            challenge = await call(
+                verifier.issue_challenge, device_id, audience, client_address(request)
+            )
+        except VerificationError as exc:
+            if exc.reason == "malformed":
+                return JSONResponse({"error": "invalid_request"}, status_code=400)
+            return rejection_response(exc)
+        return JSONResponse(challenge, headers={"Cache-Control": "no-store"})
+
+    @app.post("/v1/token")
+    async def token(request: Request) -> Response:
+        body = await read_json_object(request)
+        assertion = require_string(body, "assertion")
+        try:
+            verified = await call(
+                verifier.verify_assertion,
+                assertion,
+                audience_kind="http",
+                client_address=client_address(request),
+            )
+        except VerificationError as exc:
+            return rejection_response(exc)
+        answer = await call(verifier.issue_access_token, verified)
+        return JSONResponse(answer, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+    @app.post("/v1/enroll")
+    async def enroll(request: Request) -> Response:
+        body = await read_json_object(request)
+        csr = require_string(body, "csr")
+        enrollment_token = require_string(body, "enrollment_token")
+        backend = require_string(body, "backend")
+        hardware_backed = require_bool(body, "hardware_backed")
+        try:
+            record, created = await call(
+                verifier.enroll,
+                csr,
+                enrollment_token,
+                backend,
+                hardware_backed,
+                client_address(request),
+            )
+        except VerificationError as exc:
+            return rejection_response(exc)
+        # NOTE: the verifier issues no device certificates yet, so "certificate" is always null.
+        answer = {"device": record.to_json(), "certificate": None}
+        return JSONResponse(answer, status_code=201 if created else 200)
+
+    @app.get("/v1/whoami")
+    async def whoami(request: Request) -> Response:
+        challenge_header = {"WWW-Authenticate": 'Bearer realm="device-sdk"'}
+        address = client_address(request)
+        token_text = bearer_token(request)
+        if token_text is None:
+            log_decision(
+                "access_token", "reject", reason="malformed", client_address=address,
+                detail="no Bearer authorization header",
+            )
+            return unauthorized(challenge_header)
+        try:
+            claims = await call(verifier.verify_access_token, token_text)
+        except VerificationError as exc:
+            log_decision(
+                "access_token", "reject", reason=exc.reason, device_id=exc.device_id,
+                client_address=address, detail=exc.detail,
+            )
+            return unauthorized(challenge_header)
+        return JSONResponse({"device_id": claims["sub"], "expires_at": claims["exp"]})
+
+    register_broker_webhooks(app, verifier, call, rabbitmq_vhost, rabbitmq_exchange)
+    return app
+
+
+def register_broker_webhooks(
+    app: FastAPI,
+    verifier: Verifier,
+    call: Callable[..., Any],
+    rabbitmq_vhost: str,
+    rabbitmq_exchange: str,
+) -> None:
+    """Add the RabbitMQ and EMQX HTTP auth endpoints: the broker asks, the verifier decides.
+
+    The CONNECT username is the device id and the password a fresh assertion whose ``aud`` is one
+    of the verifier's broker audiences. After the login, RabbitMQ asks about the virtual host,
+    resources and topics, which are allowed for any active device.
+    """
+
+    def allow(allowed: bool) -> PlainTextResponse:
+        return PlainTextResponse("allow" if allowed else "deny")
+
+    async def check_login(username: str, password: str, address: str | None) -> bool:
+        try:
+            await call(
+                verifier.verify_assertion,
+                password,
+                audience_kind="mqtt",
+                client_address=address,
+                expected_device_id=username,
+            )
+        except VerificationError:
+            # Verifier.verify_assertion has already written the audit line with the reason.
+            return False
+        return True
+
+    async def device_is_active(username: str, event: str, address: str | None) -> bool:
+        record = await call(verifier.get_device, username) if username else None
+        if record is None or not record.active:
+            reason = "unknown_device" if record is None else "revoked_device"
+            log_decision(
+                event, "reject", reason=reason, device_id=username or None, client_address=address
+            )
+            return False
+        return True
+
+    @app.post(RABBITMQ_PREFIX + "/user")
+    async def rabbitmq_user(request: Request) -> Response:
+        form = await read_form(request)
+        username = require_string(form, "username")
+        password = require_string(form, "password")
+        return allow(await check_login(username, password, client_address(request)))
+
+    @app.post(RABBITMQ_PREFIX + "/vhost")
+    async def rabbitmq_vhost_check(request: Request) -> Response:
+        form = await read_form(request)
+        username = require_string(form, "username")
+        vhost = require_string(form, "vhost")
+        address = form.get("ip") or client_address(request)
+        if vhost != rabbitmq_vhost:
+            log_decision(
+                "broker_vhost", "reject", reason="wrong_audience", device_id=username or None,
+                client_address=address, vhost=vhost,
+            )
+            return allow(False)
+        return allow(await device_is_active(username, "broker_vhost", address))
+
+    @app.post(RABBITMQ_PREFIX + "/resource")
+    async def rabbitmq_resource(request: Request) -> Response:
+        form = await read_form(request)
+        username = require_string(form, "username")
+        vhost = require_string(form, "vhost")
+        resource = require_string(form, "resource")
+        name = require_string(form, "name")
+        permission = require_string(form, "permission")
+        address = client_address(request)
+        if (
+            vhost != rabbitmq_vhost
+            or resource not in ("exchange", "queue", "topic")
+            or permission not in RABBITMQ_PERMISSIONS
+            or (resource == "exchange" and name != rabbitmq_exchange)
+        ):
+            log_decision(
+                "broker_resource", "reject", reason="wrong_audience", device_id=username or None,
+                client_address=address, vhost=vhost, resource=resource, name=name,
+                permission=permission,
+            )
+            return allow(False)
+        return allow(await device_is_active(username, "broker_resource", address))
+
+    @app.post(RABBITMQ_PREFIX + "/topic")
+    async def rabbitmq_topic(request: Request) -> Response:
+        form = await read_form(request)
+        username = require_string(form, "username")
+        vhost = require_string(form, "vhost")
+        require_string(form, "resource")
+        name = require_string(form, "name")
+        require_string(form, "permission")
+        address = client_address(request)
+        # NOTE: any active device may use any topic; there is no per-device topic policy yet.
+        if vhost != rabbitmq_vhost or name != rabbitmq_exchange:
+            log_decision(
+                "broker_topic", "reject", reason="wrong_audience", device_id=username or None,
+                client_address=address, vhost=vhost, name=name,
+            )
+            return allow(False)
+        return allow(await device_is_active(username, "broker_topic", address))
+
+    @app.post(EMQX_PATH)
+    async def emqx(request: Request) -> Response:
+        body = await read_json_object(request)
+        username = require_string(body, "username")
+        password = require_string(body, "password")
+        peer = body.get("peerhost")
+        address = peer if isinstance(peer, str) and peer else client_address(request)
+        allowed = await check_login(username, password, address)
+        answer: dict[str, Any] = {"result": "allow" if allowed else "deny"}
+        if allowed:
+            answer["is_superuser"] = False
+        return JSONResponse(answer)
