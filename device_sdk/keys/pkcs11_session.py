@@ -428,7 +428,7 @@ def _pin_fingerprint(serial: str, pin: str) -> bytes:
     return hashlib.sha256(f"{serial}\0{pin}".encode()).digest()
 
 
-def _check_pin_flags(token: Any) -> None:
+def check_pin_flags(token: Any) -> None:
     """Stop an unattended login that could lock the PIN; read fresh flags from the token."""
     try:
         flags = token.slot.get_token().flags
@@ -474,7 +474,7 @@ def _login(module: LoadedModule, token: Any, pin: str | None) -> TokenSession:
             operation="C_Login",
             token=label,
         )
-    _check_pin_flags(token)
+    check_pin_flags(token)
 
     try:
         session = token.open(user_pin=pin)
@@ -747,12 +747,12 @@ class Pkcs11Signer:
         except _RECOVERABLE_OR_GONE as exc:
             self._state = None
             self._handle = None
-            name, code = return_code(exc)
+            name, code = return_code(first)
+            detail = "the token is still unavailable after finding it again and retrying once"
             if isinstance(exc, TokenNotPresentError):
-                name, code = exc.rv_name, exc.rv
+                detail = f"the token was not found again ({exc})"
             raise TokenNotPresentError(
-                "the token is still unavailable after finding it again and retrying once; "
-                "check that it is plugged in",
+                f"{detail}; check that it is plugged in",
                 operation=operation,
                 token=self._label(),
                 rv=code,
