@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["fixtures_services", "fixtures_verifier", "fixtures_softhsm"]
+pytest_plugins = [
+    "fixtures_services",
+    "fixtures_verifier",
+    "fixtures_softhsm",
+    "fixtures_provision",
+]
 
 REQUIRE_SERVICES = os.environ.get("DEVICE_SDK_REQUIRE_SERVICES") == "1"
 NOT_APPLICABLE = "not applicable:"
