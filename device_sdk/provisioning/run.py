@@ -159,7 +159,7 @@ class _Run:
         self.messages.append(message)
 
     def _record(self, step: str, status: str, started: float, detail: str = "") -> None:
-        if status == "done":
+        if status != "recorded":
             _kill_point(step)
         self.state.mark_done(step)
         save_state(self.state_path, self.state)
