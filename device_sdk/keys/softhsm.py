@@ -219,7 +219,14 @@ def check_config(conf_path: Path, *, writable: bool = False) -> Path:
 def check_token_dir(tokens_dir: Path, *, writable: bool, conf_path: Path | None = None) -> None:
     """Check that a SoftHSM token directory exists and, if asked, that this user can write it."""
     named_in = f" (directories.tokendir in {conf_path})" if conf_path else ""
-    if not tokens_dir.exists():
+    try:
+        exists = tokens_dir.exists()
+    except OSError as exc:
+        raise SoftHSMError(
+            f"SoftHSM token directory {tokens_dir}{named_in} cannot be reached by uid "
+            f"{os.getuid()} ({exc.strerror}); fix the permissions of its parent directories"
+        ) from exc
+    if not exists:
         raise SoftHSMError(
             f"SoftHSM token directory {tokens_dir}{named_in} does not exist; create it with "
             f"`mkdir -p {tokens_dir}` or run `device-sdk softhsm init --dir DIR --label LABEL`"
