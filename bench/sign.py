@@ -7,8 +7,8 @@ Both sides sign a 64-byte message with ECDSA P-256 on one SoftHSM key handle:
 - sdk: ``key.sign(message, ec.ECDSA(hashes.SHA256()))`` on the key from ``open_key``, which adds
   the module lock, the fork check and the DER encoding that ``cryptography`` callers expect.
 
-Rounds alternate between the two so that drift on a shared machine hits both; the median round of
-each side is reported, and the ratio sdk/raw (the SDK's target is at least 0.90).
+Rounds alternate between the two so that drift on a shared machine hits both. The output is the
+median round of each side and the ratio sdk/raw, whose target is at least 0.90.
 
 Usage: ``python bench/sign.py [--json] [--count N] [--rounds R] [--uri PKCS11_URI]``. Without
 ``--uri`` a temporary SoftHSM token store is created and removed afterwards.

@@ -4,7 +4,7 @@ SoftHSM reads SOFTHSM2_CONF in C_Initialize and python-pkcs11 keeps one initiali
 path and process, so every test in a process shares one token store. The session fixture points
 SOFTHSM2_CONF at it before any key is opened (and initialises the library again if a test loaded
 it earlier). Tests stay isolated by using their own key labels, or their own token from
-``softhsm_new_token``; tests that need another store or config run in a subprocess with
+``softhsm_new_token``. Tests that need another store or config run in a subprocess with
 ``softhsm_env``.
 """
 

@@ -164,8 +164,8 @@ def test_read_only_token_dir(tmp_path):
             softhsm.check_token_dir(tokens, writable=True)
         return
 
-    # root writes anywhere, so check as the unprivileged user nobody in a forked child, in a
-    # directory that nobody can reach (pytest's own temporary directories are mode 0700).
+    # root writes anywhere, so a forked child checks as the unprivileged user "nobody" (uid
+    # 65534), in a directory that this user can reach: pytest's temporary directories are 0700.
     public = Path(tempfile.mkdtemp(prefix="softhsm-ro-"))
     try:
         public.chmod(0o755)

@@ -1,4 +1,4 @@
-"""``device-sdk keys``: generate a key on a token and show what the SDK knows about a key."""
+"""``device-sdk keys``: generate a key on a token and show a key's identity and protection."""
 
 from __future__ import annotations
 

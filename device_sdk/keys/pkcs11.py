@@ -2,8 +2,8 @@
 
 ``open_key(uri)`` returns a ``cryptography`` private key (see :mod:`device_sdk.keys.signing`)
 whose signatures are made on the token, safely from several threads, after ``fork()`` and after
-the token is unplugged and plugged back in. :mod:`device_sdk.keys.pkcs11_session` holds the
-process-wide module, session and login state behind it.
+the token is unplugged and plugged back in. :mod:`device_sdk.keys.pkcs11_session` contains
+the process-wide module, session and login state behind it.
 """
 
 from __future__ import annotations
@@ -293,7 +293,8 @@ def _rw_session(state: TokenSession) -> Iterator[Any]:
     try:
         session = state.token.open(rw=True)
     except p11e.PKCS11Error as exc:
-        raise pkcs11_error("C_OpenSession", state.label, exc, "read-write session refused") from exc
+        message = "opening a read-write session failed"
+        raise pkcs11_error("C_OpenSession", state.label, exc, message) from exc
     try:
         yield session
     finally:
@@ -420,44 +421,48 @@ def store_certificate(uri: str | Pkcs11URI, cert_der: bytes, *, replace: bool = 
         assert state is not None
         key_id = read_attribute(handle, Attribute.ID) or b""
         label = read_attribute(handle, Attribute.LABEL) or ""
-        existing = find_objects(
-            state,
-            {Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.ID: key_id},
-            "C_FindObjects",
-        )
-        if any(obj[Attribute.VALUE] == cert_der for obj in existing) and len(existing) == 1:
+        same_id = {Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.ID: key_id}
+
+        existing = find_objects(state, same_id, "C_FindObjects")
+        if len(existing) == 1 and existing[0][Attribute.VALUE] == cert_der:
             return False
         if existing and not replace:
             raise KeyExistsError(
                 f"token {state.label!r} already has a different certificate with CKA_ID "
                 f"{key_id.hex()}; pass replace=True to replace it"
             )
-        template = {
-            Attribute.CLASS: ObjectClass.CERTIFICATE,
-            Attribute.CERTIFICATE_TYPE: p11.CertificateType.X_509,
-            Attribute.TOKEN: True,
-            Attribute.PRIVATE: False,
-            Attribute.ID: key_id,
-            Attribute.LABEL: label,
-            Attribute.SUBJECT: certificate.subject.public_bytes(),
-            Attribute.ISSUER: certificate.issuer.public_bytes(),
-            Attribute.SERIAL_NUMBER: _der_integer(certificate.serial_number),
-            Attribute.VALUE: cert_der,
-        }
+
+        template = _certificate_template(certificate, cert_der, key_id, label)
         with _rw_session(state) as session:
             try:
-                if existing:
-                    stale = {Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.ID: key_id}
-                    for old in list(session.get_objects(stale)):
-                        old.destroy()
+                for old in list(session.get_objects(same_id)):
+                    old.destroy()
                 session.create_object(template)
             except p11e.PKCS11Error as exc:
                 raise pkcs11_error("C_CreateObject", state.label, exc) from exc
+
         subject = certificate.subject.rfc4514_string()
         log.info("stored certificate %s on token %r", subject, state.label)
         return True
 
     return signer.run("C_CreateObject", store)
+
+
+def _certificate_template(
+    certificate: x509.Certificate, cert_der: bytes, key_id: bytes, label: str
+) -> dict[Attribute, Any]:
+    return {
+        Attribute.CLASS: ObjectClass.CERTIFICATE,
+        Attribute.CERTIFICATE_TYPE: p11.CertificateType.X_509,
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: False,
+        Attribute.ID: key_id,
+        Attribute.LABEL: label,
+        Attribute.SUBJECT: certificate.subject.public_bytes(),
+        Attribute.ISSUER: certificate.issuer.public_bytes(),
+        Attribute.SERIAL_NUMBER: _der_integer(certificate.serial_number),
+        Attribute.VALUE: cert_der,
+    }
 
 
 def _der_integer(value: int) -> bytes:

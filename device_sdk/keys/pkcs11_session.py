@@ -349,7 +349,7 @@ def _check_process(module: LoadedModule) -> None:
 
 
 def reinitialize_module(path: str, *, only_if_loaded: bool = False) -> None:
-    """Finalise and initialise a loaded module again, so it sees tokens created since.
+    """Finalise and initialise a loaded module again, so it lists tokens created since.
 
     Every open key on the module finds its token and logs in again on its next use.
     """

@@ -187,7 +187,7 @@ def _hash_for_size(size: int) -> hashes.HashAlgorithm:
     raise KeyStoreError(f"no SHA-2 hash has a {size}-byte digest")
 
 
-def _refuse_export(location: str) -> NoReturn:
+def _raise_export_error(location: str) -> NoReturn:
     raise KeyExportError(
         f"the private key stays inside {location} and cannot be exported; "
         "use public_key() for the public half"
@@ -266,7 +266,7 @@ class HardwareECKey(_SignerHolder, HardwareKey, ec.EllipticCurvePrivateKey):
         raise UnsupportedAlgorithm(f"ECDH is not offered for the signing key in {self._location}")
 
     def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
-        _refuse_export(self._location)
+        _raise_export_error(self._location)
 
     def private_bytes(
         self,
@@ -274,7 +274,7 @@ class HardwareECKey(_SignerHolder, HardwareKey, ec.EllipticCurvePrivateKey):
         format: Any,
         encryption_algorithm: Any,
     ) -> bytes:
-        _refuse_export(self._location)
+        _raise_export_error(self._location)
 
     def __copy__(self) -> HardwareECKey:
         return self
@@ -317,10 +317,10 @@ class HardwareEd25519Key(_SignerHolder, HardwareKey, ed25519.Ed25519PrivateKey):
         return signature
 
     def private_bytes(self, encoding: Any, format: Any, encryption_algorithm: Any) -> bytes:
-        _refuse_export(self._signer.location)
+        _raise_export_error(self._signer.location)
 
     def private_bytes_raw(self) -> bytes:
-        _refuse_export(self._signer.location)
+        _raise_export_error(self._signer.location)
 
     def __copy__(self) -> HardwareEd25519Key:
         return self
@@ -400,10 +400,10 @@ class HardwareRSAKey(_SignerHolder, HardwareKey, rsa.RSAPrivateKey):
         )
 
     def private_numbers(self) -> rsa.RSAPrivateNumbers:
-        _refuse_export(self._signer.location)
+        _raise_export_error(self._signer.location)
 
     def private_bytes(self, encoding: Any, format: Any, encryption_algorithm: Any) -> bytes:
-        _refuse_export(self._signer.location)
+        _raise_export_error(self._signer.location)
 
     def __copy__(self) -> HardwareRSAKey:
         return self

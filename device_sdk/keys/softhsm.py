@@ -1,10 +1,10 @@
 """SoftHSM 2: the software PKCS#11 token used as the fallback for development and CI.
 
 Keys in SoftHSM live in files on the host, so they report ``hardware_backed = False`` and opening
-one logs a warning. This module finds the library, creates a token store (a directory with its own
-``softhsm2.conf``), initialises tokens in it with random PINs kept in files of mode 0600, and
-checks a configuration before SoftHSM reads it, because SoftHSM's own errors for a missing or
-read-only token directory are a bare CKR_GENERAL_ERROR.
+one logs a warning. This module finds the library and creates a token store: a directory with its
+own ``softhsm2.conf``. It initialises tokens there with random PINs kept in files of mode 0600.
+It checks a configuration before SoftHSM reads it, because SoftHSM 2.6.1 answers a missing config
+file or token directory with a bare CKR_GENERAL_ERROR from C_Initialize.
 
 SoftHSM reads ``SOFTHSM2_CONF`` in C_Initialize, once per initialisation, and python-pkcs11 keeps
 one initialised library per path and process. So one process works with one token store at a
@@ -49,7 +49,7 @@ DEFAULT_CONF = Path("/etc/softhsm/softhsm2.conf")
 CONF_NAME = "softhsm2.conf"
 TOKENS_DIR_NAME = "tokens"
 
-# Where distributions install libsofthsm2.so, most common first.
+# Install paths of libsofthsm2.so, most common first.
 LIBRARY_CANDIDATES = (
     # Debian, Ubuntu, Raspberry Pi OS: an alternatives link, then the multiarch paths.
     "/usr/lib/softhsm/libsofthsm2.so",
