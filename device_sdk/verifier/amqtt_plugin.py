@@ -1,0 +1,90 @@
+"""An amqtt (0.12) authentication plugin that checks MQTT logins with a :class:`Verifier`.
+
+The CONNECT username is the device id and the password a fresh assertion whose ``aud`` is one of
+the verifier's broker audiences, exactly as for the broker webhooks. amqtt speaks MQTT 3.1.1
+only. The plugin is loaded from the broker config's ``plugins`` section, with the verifier
+object itself in the plugin config::
+
+    config = broker_config(verifier, host="127.0.0.1", port=1883)
+    broker = amqtt.broker.Broker(config)
+    await broker.start()
+
+Every decision goes to the verifier's audit log with the client address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from amqtt.plugins.base import BaseAuthPlugin
+
+from device_sdk.errors import VerificationError
+from device_sdk.verifier.audit import log_decision
+from device_sdk.verifier.core import Verifier
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_PATH = "device_sdk.verifier.amqtt_plugin.VerifierAuthPlugin"
+
+
+class VerifierAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
+    """Accept a CONNECT only if its password is a valid assertion by the device it names."""
+
+    @dataclass
+    class Config:
+        """Plugin settings: ``verifier`` is the :class:`Verifier` that checks the assertions."""
+
+        verifier: Any = None
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        verifier = getattr(self.config, "verifier", None)
+        if not isinstance(verifier, Verifier):
+            raise TypeError(
+                f"{PLUGIN_PATH} needs a Verifier object as its 'verifier' setting, got "
+                f"{type(verifier).__name__}; build the broker config with broker_config()"
+            )
+        self.verifier: Verifier = verifier
+
+    async def authenticate(self, *, session: Any) -> bool:
+        """Return True for a valid, unspent assertion from the device named as username."""
+        address = getattr(session, "remote_address", None)
+        username = getattr(session, "username", None)
+        password = getattr(session, "password", None)
+        if isinstance(password, bytes | bytearray):
+            password = bytes(password).decode("utf-8", errors="replace")
+        if not isinstance(username, str) or not username or not isinstance(password, str):
+            log_decision(
+                "assertion", "reject", reason="malformed", client_address=address,
+                detail="CONNECT without username or password", kind="mqtt",
+            )
+            return False
+
+        try:
+            # The verifier's stores block (SQLite, Redis), so keep them off the event loop.
+            await asyncio.to_thread(
+                self.verifier.verify_assertion,
+                password,
+                audience_kind="mqtt",
+                client_address=address,
+                expected_device_id=username,
+            )
+        except VerificationError:
+            # verify_assertion has already written the audit line with the reason.
+            return False
+        return True
+
+
+def broker_config(
+    verifier: Verifier, *, host: str = "127.0.0.1", port: int = 1883
+) -> dict[str, Any]:
+    """Return an amqtt broker config with one TCP listener and only this plugin for logins."""
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        "plugins": {
+            PLUGIN_PATH: {"verifier": verifier},
+        },
+    }
