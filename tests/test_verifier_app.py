@@ -58,7 +58,7 @@ def audit_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [record.getMessage() for record in caplog.records if record.name == AUDIT_LOGGER]
 
 
-def test_challenge_answer_shape(client: TestClient, device: Device, clock: ManualClock) -> None:
+def test_challenge_response_shape(client: TestClient, device: Device, clock: ManualClock) -> None:
     response = client.post(
         "/v1/challenges", json={"device_id": device.device_id, "audience": ISSUER}
     )
@@ -103,7 +103,7 @@ def test_access_token_verifies_with_jwks(client: TestClient, device: Device) -> 
     assert jwt.get_unverified_header(token)["typ"] == "at+jwt"
 
 
-def test_token_replay_is_plain_401_with_audit_reason(
+def test_token_replay_plain_401_audited(
     client: TestClient, device: Device, caplog: pytest.LogCaptureFixture
 ) -> None:
     assertion = login_assertion(client, device)

@@ -1,4 +1,4 @@
-"""Property tests: random and mutated requests never make the verifier app answer 5xx or raise.
+"""Property tests: random and mutated requests never get a 5xx from the verifier app or crash it.
 
 The test client re-raises any exception the app does not handle, so "no unhandled exception" is
 checked by every example along with the status code.

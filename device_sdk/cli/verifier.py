@@ -61,6 +61,7 @@ def _register_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default: {DEFAULT_PORT})"
     )
+
     parser.add_argument("--tls-cert", metavar="PEM", help="server certificate chain (PEM)")
     parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert (PEM)")
     parser.add_argument(
@@ -73,6 +74,7 @@ def _register_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser
         help="another certificate clients may see for the issuer URL (a rotation or a TLS "
         "terminating proxy); repeatable. --tls-cert is always included",
     )
+
     parser.add_argument(
         "--broker-audience", action="append", default=[], metavar="URL",
         help="broker URL whose MQTT logins this verifier checks, e.g. mqtt://127.0.0.1:1883; "
@@ -82,6 +84,7 @@ def _register_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser
         "--broker-cert", action="append", default=[], nargs=2, metavar=("URL", "PEM"),
         help="certificate of a TLS broker audience (mqtts://), for channel binding; repeatable",
     )
+
     parser.add_argument(
         "--signing-key", metavar="PEM",
         help="access-token signing key, created if absent (default: beside the database)",

@@ -6,7 +6,7 @@ Endpoints (wire format in ``docs/protocol.md``):
 - ``GET /.well-known/jwks.json``, ``GET /healthz``
 - ``GET /v1/whoami``: a sample protected resource that takes ``Authorization: Bearer``
 - ``POST /v1/broker/auth/rabbitmq/{user,vhost,resource,topic}``: RabbitMQ's HTTP auth backend
-  (form posts, plain ``allow`` or ``deny`` answers)
+  (form posts, plain ``allow`` or ``deny`` responses)
 - ``POST /v1/broker/auth/emqx``: EMQX-style JSON HTTP authentication
 
 Request bodies are read by hand, not through model binding, so every malformed request gets a
@@ -203,7 +203,7 @@ def create_app(
         return JSONResponse({"error": exc.error}, status_code=exc.status_code)
 
     async def call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        # The stores block on SQLite, Redis or PostgreSQL, so they run in the thread pool.
+        # The stores block on SQLite or Redis, so verifier calls run in the thread pool.
         return await run_in_threadpool(function, *args, **kwargs)
 
     @app.get("/healthz")
@@ -274,7 +274,10 @@ def create_app(
         token_text = bearer_token(request)
         if token_text is None:
             log_decision(
-                "access_token", "reject", reason="malformed", client_address=address,
+                "access_token",
+                "reject",
+                reason="malformed",
+                client_address=address,
                 detail="no Bearer authorization header",
             )
             return unauthorized(challenge_header)
@@ -282,8 +285,12 @@ def create_app(
             claims = await call(verifier.verify_access_token, token_text)
         except VerificationError as exc:
             log_decision(
-                "access_token", "reject", reason=exc.reason, device_id=exc.device_id,
-                client_address=address, detail=exc.detail,
+                "access_token",
+                "reject",
+                reason=exc.reason,
+                device_id=exc.device_id,
+                client_address=address,
+                detail=exc.detail,
             )
             return unauthorized(challenge_header)
         return JSONResponse({"device_id": claims["sub"], "expires_at": claims["exp"]})
@@ -299,10 +306,10 @@ def register_broker_webhooks(
     rabbitmq_vhost: str,
     rabbitmq_exchange: str,
 ) -> None:
-    """Add the RabbitMQ and EMQX HTTP auth endpoints: the broker asks, the verifier decides.
+    """Add the RabbitMQ and EMQX HTTP auth endpoints, which check broker logins with ``verifier``.
 
     The CONNECT username is the device id and the password a fresh assertion whose ``aud`` is one
-    of the verifier's broker audiences. After the login, RabbitMQ asks about the virtual host,
+    of the verifier's broker audiences. After the login, RabbitMQ checks the virtual host,
     resources and topics, which are allowed for any active device.
     """
 
@@ -348,8 +355,12 @@ def register_broker_webhooks(
         address = form.get("ip") or client_address(request)
         if vhost != rabbitmq_vhost:
             log_decision(
-                "broker_vhost", "reject", reason="wrong_audience", device_id=username or None,
-                client_address=address, vhost=vhost,
+                "broker_vhost",
+                "reject",
+                reason="wrong_audience",
+                device_id=username or None,
+                client_address=address,
+                vhost=vhost,
             )
             return allow(False)
         return allow(await device_is_active(username, "broker_vhost", address))
@@ -370,8 +381,14 @@ def register_broker_webhooks(
             or (resource == "exchange" and name != rabbitmq_exchange)
         ):
             log_decision(
-                "broker_resource", "reject", reason="wrong_audience", device_id=username or None,
-                client_address=address, vhost=vhost, resource=resource, name=name,
+                "broker_resource",
+                "reject",
+                reason="wrong_audience",
+                device_id=username or None,
+                client_address=address,
+                vhost=vhost,
+                resource=resource,
+                name=name,
                 permission=permission,
             )
             return allow(False)
@@ -389,8 +406,13 @@ def register_broker_webhooks(
         # NOTE: any active device may use any topic; there is no per-device topic policy yet.
         if vhost != rabbitmq_vhost or name != rabbitmq_exchange:
             log_decision(
-                "broker_topic", "reject", reason="wrong_audience", device_id=username or None,
-                client_address=address, vhost=vhost, name=name,
+                "broker_topic",
+                "reject",
+                reason="wrong_audience",
+                device_id=username or None,
+                client_address=address,
+                vhost=vhost,
+                name=name,
             )
             return allow(False)
         return allow(await device_is_active(username, "broker_topic", address))
