@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import glob
 import logging
 import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -32,6 +32,7 @@ from device_sdk.errors import (
     KeyExistsError,
     KeyExportError,
     KeyNotFoundError,
+    KeyPolicyError,
     KeyStoreError,
     PinIncorrectError,
     PinLockedError,
@@ -352,12 +353,16 @@ for attempt in range(2):
 print("\\n".join(outcomes))
 """
 
-SPY_LIBRARY = Path("/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so")
+# OpenSC's pkcs11-spy logs every PKCS#11 call it forwards to the module named by PKCS11SPY.
+SPY_CANDIDATES = sorted(glob.glob("/usr/lib/*/pkcs11/pkcs11-spy.so")) + sorted(
+    glob.glob("/usr/lib*/pkcs11/pkcs11-spy.so")
+)
 
 
 def test_wrong_pin_sent_to_token_once(softhsm_new_token, softhsm_env, tmp_path):
-    if not SPY_LIBRARY.exists():
+    if not SPY_CANDIDATES:
         pytest.skip("OpenSC's pkcs11-spy.so is missing; install it with: apt install opensc")
+    spy_library = SPY_CANDIDATES[0]
     token = softhsm_new_token()
     backend.generate_key(token.key_uri(label="k"), "ec-p256")
     wrong_pin = tmp_path / "wrong-pin"
@@ -366,7 +371,7 @@ def test_wrong_pin_sent_to_token_once(softhsm_new_token, softhsm_env, tmp_path):
     spy_log = tmp_path / "spy.log"
     uri = str(
         Pkcs11URI.parse(token.key_uri(label="k")).with_attributes(
-            module_path=str(SPY_LIBRARY), pin_source=f"file:{wrong_pin}"
+            module_path=spy_library, pin_source=f"file:{wrong_pin}"
         )
     )
     env = {**softhsm_env, "PKCS11SPY": token.module_path, "PKCS11SPY_OUTPUT": str(spy_log)}
@@ -490,6 +495,40 @@ def test_two_keys_same_label_ambiguous(softhsm_token, softhsm_key_uri):
 
     picked = backend.open_key(softhsm_token.key_uri(label=label, key_id=b"\x02\x22"))
     _sign_and_verify(picked)
+
+
+def test_extractable_key_rejected_on_open(softhsm_token, softhsm_key_uri):
+    backend.open_key(softhsm_key_uri)  # logs this process in, so the raw session may write keys
+    label = unique_label("exportable")
+    session = _raw_session(softhsm_token)
+    session.generate_keypair(
+        p11.KeyType.EC, store=True, id=b"\x0e\x0e", label=label,
+        public_template={p11.Attribute.EC_PARAMS: bytes.fromhex("06082a8648ce3d030107")},
+        private_template={p11.Attribute.EXTRACTABLE: True, p11.Attribute.SENSITIVE: False},
+    )
+    session.close()
+
+    with pytest.raises(KeyPolicyError) as caught:
+        backend.open_key(softhsm_token.key_uri(label=label))
+
+    assert "can be exported (CKA_EXTRACTABLE=True, CKA_SENSITIVE=False)" in str(caught.value)
+
+
+def test_always_authenticate_key_signs(softhsm_token, softhsm_key_uri):
+    backend.open_key(softhsm_key_uri)  # logs this process in, so the raw session may write keys
+    label = unique_label("always-auth")
+    session = _raw_session(softhsm_token)
+    session.generate_keypair(
+        p11.KeyType.EC, store=True, id=b"\x0a\x0a", label=label,
+        public_template={p11.Attribute.EC_PARAMS: bytes.fromhex("06082a8648ce3d030107")},
+        private_template={p11.Attribute.ALWAYS_AUTHENTICATE: True},
+    )
+    session.close()
+
+    key = backend.open_key(softhsm_token.key_uri(label=label))
+
+    for _ in range(3):
+        _sign_and_verify(key)
 
 
 def test_generate_with_used_label_rejected(softhsm_token):
