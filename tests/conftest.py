@@ -17,6 +17,7 @@ pytest_plugins = [
     "fixtures_verifier",
     "fixtures_softhsm",
     "fixtures_provision",
+    "fixtures_login",
 ]
 
 REQUIRE_SERVICES = os.environ.get("DEVICE_SDK_REQUIRE_SERVICES") == "1"

@@ -1,0 +1,282 @@
+"""HTTP login with a SoftHSM key against the verifier served by uvicorn over TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import requests
+from fixtures_login import InterceptingProxy, VerifierServer, serve_verifier
+from fixtures_services import TestPKI, UvicornFactory
+
+from device_sdk.errors import LoginError
+from device_sdk.http import DeviceAuth, DeviceRequestsAuth
+
+pytestmark = pytest.mark.slow
+
+
+def whoami_url(verifier: VerifierServer) -> str:
+    return verifier.url + "/v1/whoami"
+
+
+def steps(history: list[httpx.Response]) -> list[tuple[str, int]]:
+    return [(response.request.url.path, response.status_code) for response in history]
+
+
+def test_httpx_calls_protected_endpoint(
+    https_verifier: VerifierServer, device_key: Any, test_pki: TestPKI
+) -> None:
+    device_id = https_verifier.enroll(device_key)
+    auth = DeviceAuth(device_key, https_verifier.url)
+
+    with httpx.Client(auth=auth, verify=test_pki.client_ssl_context()) as client:
+        first = client.get(whoami_url(https_verifier))
+        second = client.get(whoami_url(https_verifier))
+
+    assert first.status_code == 200
+    assert first.json()["device_id"] == device_id
+    assert second.status_code == 200
+    # The second request reused the cached token.
+    assert auth.logins == 1
+
+
+def test_httpx_async_calls_protected_endpoint(
+    https_verifier: VerifierServer, device_key: Any, test_pki: TestPKI
+) -> None:
+    device_id = https_verifier.enroll(device_key)
+    auth = DeviceAuth(device_key, https_verifier.url)
+
+    async def call() -> httpx.Response:
+        async with httpx.AsyncClient(auth=auth, verify=test_pki.client_ssl_context()) as client:
+            return await client.get(whoami_url(https_verifier))
+
+    response = asyncio.run(call())
+
+    assert response.status_code == 200
+    assert response.json()["device_id"] == device_id
+    assert auth.logins == 1
+
+
+def test_requests_calls_protected_endpoint(
+    https_verifier: VerifierServer, device_key: Any, test_pki: TestPKI
+) -> None:
+    device_id = https_verifier.enroll(device_key)
+    ca = str(test_pki.ca.cert_path)
+    auth = DeviceRequestsAuth(device_key, https_verifier.url, verify=ca)
+
+    first = requests.get(whoami_url(https_verifier), auth=auth, verify=ca, timeout=10)
+    second = requests.get(whoami_url(https_verifier), auth=auth, verify=ca, timeout=10)
+
+    assert first.status_code == 200
+    assert first.json()["device_id"] == device_id
+    assert second.status_code == 200
+    assert auth.logins == 1
+
+
+def test_token_carries_device_and_issuer(
+    https_verifier: VerifierServer, device_key: Any, test_pki: TestPKI
+) -> None:
+    device_id = https_verifier.enroll(device_key)
+    auth = DeviceAuth(device_key, https_verifier.url)
+
+    with httpx.Client(verify=test_pki.client_ssl_context()) as client:
+        token = auth.login(client)
+
+    claims = jwt.decode(token.token, options={"verify_signature": False})
+    assert claims["sub"] == device_id
+    assert claims["iss"] == https_verifier.issuer
+    assert token.expires_in == 300
+
+
+def test_401_logs_in_once_more(
+    https_verifier: VerifierServer, device_key: Any, test_pki: TestPKI
+) -> None:
+    https_verifier.enroll(device_key)
+    auth = DeviceAuth(device_key, https_verifier.url)
+    with httpx.Client(verify=test_pki.client_ssl_context()) as client:
+        token = auth.login(client)
+        # A token the server does not accept, cached as if it were valid.
+        forged = type(token)("not-a-valid-token", token.expires_in, token.expires_at_monotonic)
+        auth.tokens.put(forged)
+
+        response = client.get(whoami_url(https_verifier), auth=auth)
+
+    assert response.status_code == 200
+    assert steps(response.history) == [
+        ("/v1/whoami", 401), ("/v1/challenges", 200), ("/v1/token", 200)
+    ]
+    assert auth.logins == 2
+
+
+def test_requests_401_logs_in_once_more(
+    https_verifier: VerifierServer, device_key: Any, test_pki: TestPKI
+) -> None:
+    https_verifier.enroll(device_key)
+    ca = str(test_pki.ca.cert_path)
+    auth = DeviceRequestsAuth(device_key, https_verifier.url, verify=ca)
+    token = auth.login()
+    auth.tokens.put(type(token)("not-a-valid-token", token.expires_in, token.expires_at_monotonic))
+
+    response = requests.get(whoami_url(https_verifier), auth=auth, verify=ca, timeout=10)
+
+    assert response.status_code == 200
+    assert [r.status_code for r in response.history] == [401]
+    assert auth.logins == 2
+
+
+def test_second_401_is_returned(
+    uvicorn_factory: UvicornFactory, test_pki: TestPKI, tmp_path: Path, device_key: Any
+) -> None:
+    # A protected endpoint on another verifier: its tokens are signed by another key, so every
+    # token from the first verifier gets 401 there, even right after a fresh login.
+    login_verifier = serve_verifier(
+        uvicorn_factory, tmp_path / "a", tls=test_pki.server, ca_path=test_pki.ca.cert_path
+    )
+    other = serve_verifier(
+        uvicorn_factory, tmp_path / "b", tls=test_pki.server, ca_path=test_pki.ca.cert_path
+    )
+    login_verifier.enroll(device_key)
+    auth = DeviceAuth(device_key, login_verifier.url)
+
+    with httpx.Client(auth=auth, verify=test_pki.client_ssl_context()) as client:
+        response = client.get(whoami_url(other))
+
+    assert response.status_code == 401
+    assert steps(response.history) == [
+        ("/v1/challenges", 200), ("/v1/token", 200), ("/v1/whoami", 401),
+        ("/v1/challenges", 200), ("/v1/token", 200),
+    ]
+    assert auth.logins == 2
+
+
+def test_token_refreshed_before_expiry(
+    uvicorn_factory: UvicornFactory, test_pki: TestPKI, tmp_path: Path, device_key: Any
+) -> None:
+    verifier = serve_verifier(
+        uvicorn_factory, tmp_path, tls=test_pki.server, ca_path=test_pki.ca.cert_path,
+        access_token_lifetime=5,
+    )
+    verifier.enroll(device_key)
+    auth = DeviceAuth(device_key, verifier.url)
+
+    with httpx.Client(auth=auth, verify=test_pki.client_ssl_context()) as client:
+        assert client.get(whoami_url(verifier)).status_code == 200
+        # The margin is a fifth of the 5 s lifetime: after 4.2 s the token counts as expiring.
+        time.sleep(4.2)
+        response = client.get(whoami_url(verifier))
+
+    assert response.status_code == 200
+    assert steps(response.history) == [("/v1/challenges", 200), ("/v1/token", 200)]
+    assert auth.logins == 2
+
+
+def test_unknown_device_login_raises(
+    https_verifier: VerifierServer, software_key: Any, test_pki: TestPKI
+) -> None:
+    auth = DeviceAuth(software_key, https_verifier.url)
+
+    with (
+        httpx.Client(auth=auth, verify=test_pki.client_ssl_context()) as client,
+        pytest.raises(LoginError) as caught,
+    ):
+        client.get(whoami_url(https_verifier))
+
+    assert caught.value.status_code == 401
+    assert str(caught.value).startswith("challenge request: the verifier rejected the device")
+
+
+@pytest.mark.parametrize("adapter", ["httpx", "requests"])
+def test_intercepting_proxy_rejected_for_channel_binding(
+    uvicorn_factory: UvicornFactory,
+    test_pki: TestPKI,
+    tmp_path: Path,
+    device_key: Any,
+    caplog: pytest.LogCaptureFixture,
+    adapter: str,
+) -> None:
+    # The device reaches the verifier's public URL through a proxy that shows another
+    # certificate from a CA the device trusts. The verifier knows only its own certificate.
+    proxy = InterceptingProxy(
+        test_pki.other_server,
+        upstream_port=0,
+        upstream_context=test_pki.client_ssl_context(),
+    )
+    proxy.start()
+    try:
+        verifier = serve_verifier(
+            uvicorn_factory, tmp_path, tls=test_pki.server, ca_path=test_pki.ca.cert_path,
+            issuer=proxy.url,
+        )
+        proxy.upstream_port = verifier.server.port
+        verifier.enroll(device_key)
+        caplog.set_level(logging.DEBUG)
+
+        with pytest.raises(LoginError) as caught:
+            if adapter == "httpx":
+                auth = DeviceAuth(device_key, proxy.url)
+                with httpx.Client(auth=auth, verify=test_pki.client_ssl_context()) as client:
+                    client.get(proxy.url + "/v1/whoami")
+            else:
+                ca = str(test_pki.ca.cert_path)
+                requests_auth = DeviceRequestsAuth(device_key, proxy.url, verify=ca)
+                requests.get(proxy.url + "/v1/whoami", auth=requests_auth, verify=ca, timeout=10)
+    finally:
+        proxy.stop()
+
+    assert caught.value.status_code == 401
+    assert str(caught.value).startswith("token request: the verifier rejected the device")
+    log = verifier.log_text()
+    assert "reason=channel_binding_mismatch" in log
+    # Neither the assertion nor a token reaches the device's log.
+    assert "eyJ" not in caplog.text
+
+
+def test_proxy_with_server_certificate_is_accepted(
+    uvicorn_factory: UvicornFactory, test_pki: TestPKI, tmp_path: Path, device_key: Any
+) -> None:
+    # The control case: a TLS-terminating front end that presents the verifier's own
+    # certificate (a load balancer holding it) passes the channel binding check.
+    proxy = InterceptingProxy(
+        test_pki.server, upstream_port=0, upstream_context=test_pki.client_ssl_context()
+    )
+    proxy.start()
+    try:
+        verifier = serve_verifier(
+            uvicorn_factory, tmp_path, tls=test_pki.server, ca_path=test_pki.ca.cert_path,
+            issuer=proxy.url,
+        )
+        proxy.upstream_port = verifier.server.port
+        verifier.enroll(device_key)
+        auth = DeviceAuth(device_key, proxy.url)
+        with httpx.Client(auth=auth, verify=test_pki.client_ssl_context()) as client:
+            response = client.get(proxy.url + "/v1/whoami")
+    finally:
+        proxy.stop()
+
+    assert response.status_code == 200
+
+
+def test_certificate_of_login_connection_is_bound(
+    https_verifier: VerifierServer, device_key: Any, test_pki: TestPKI
+) -> None:
+    https_verifier.enroll(device_key)
+    auth = DeviceAuth(device_key, https_verifier.url)
+    context = test_pki.client_ssl_context()
+    seen: list[bytes] = []
+
+    def keep(response: httpx.Response) -> None:
+        stream = response.extensions["network_stream"]
+        seen.append(stream.get_extra_info("ssl_object").getpeercert(True))
+
+    with httpx.Client(verify=context, event_hooks={"response": [keep]}) as client:
+        auth.login(client)
+
+    der = ssl.PEM_cert_to_DER_cert(test_pki.server.cert_pem.decode())
+    assert seen == [der, der]
