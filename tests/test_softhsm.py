@@ -202,3 +202,14 @@ def _check_as_nobody(tokens: Path) -> str:
         message = pipe.read().decode()
     os.waitpid(pid, 0)
     return message
+
+
+def test_changed_conf_after_load_explained(monkeypatch, softhsm_key_uri, tmp_path):
+    backend.open_key(softhsm_key_uri)
+    monkeypatch.setenv("SOFTHSM2_CONF", str(tmp_path / "other.conf"))
+
+    with pytest.raises(SoftHSMError) as caught:
+        backend.open_key(softhsm_key_uri)
+
+    assert f"SOFTHSM2_CONF is now {tmp_path / 'other.conf'}" in str(caught.value)
+    assert "reads the variable only then" in str(caught.value)

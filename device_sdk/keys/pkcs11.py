@@ -122,7 +122,9 @@ def _load_module(uri: Pkcs11URI) -> LoadedModule:
     path = _module_path(uri)
     if softhsm.is_softhsm(path) and not is_loaded(path):
         softhsm.check_environment()
-    return module_for(path)
+    module = module_for(path)
+    module.check_softhsm_config()
+    return module
 
 
 def open_key(uri: str | Pkcs11URI) -> AnyHardwareKey:

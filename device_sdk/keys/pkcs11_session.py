@@ -43,6 +43,7 @@ from device_sdk.errors import (
     PinIncorrectError,
     PinLockedError,
     Pkcs11Error,
+    SoftHSMError,
     TokenNotPresentError,
 )
 from device_sdk.keys import softhsm
@@ -277,12 +278,29 @@ class LoadedModule:
         self.lock = threading.RLock()
         self.pid = os.getpid()
         self.is_softhsm = softhsm.is_softhsm(path)
+        # SoftHSM reads this variable in C_Initialize only; see check_softhsm_config.
+        self.softhsm_conf = os.environ.get("SOFTHSM2_CONF")
         try:
             self.lib = p11.lib(path)
         except p11e.PKCS11Error as exc:
             message = f"loading PKCS#11 module {path} failed"
             raise pkcs11_error("C_Initialize", None, exc, message) from exc
         self.tokens: dict[str, TokenSession] = {}
+
+    def check_softhsm_config(self) -> None:
+        """Raise SoftHSMError if SOFTHSM2_CONF changed since SoftHSM read it in C_Initialize.
+
+        SoftHSM would go on using the old token directory, and keys from the new one would
+        only be reported as not found.
+        """
+        current = os.environ.get("SOFTHSM2_CONF")
+        if self.is_softhsm and current != self.softhsm_conf:
+            raise SoftHSMError(
+                f"SOFTHSM2_CONF is now {current}, but SoftHSM was initialised in this process "
+                f"with {self.softhsm_conf} and reads the variable only then; use one token store "
+                "per process, or call device_sdk.keys.pkcs11.reinitialize_module() after "
+                "changing it"
+            )
 
     def drop_tokens(self) -> None:
         """Forget every token session without calling the module (its handles may be stale)."""
@@ -304,6 +322,7 @@ class LoadedModule:
         # then reports CKR_CRYPTOKI_ALREADY_INITIALIZED; either way the module is usable again.
         with contextlib.suppress(p11e.PKCS11Error):
             self.lib.finalize()
+        self.softhsm_conf = os.environ.get("SOFTHSM2_CONF")
         try:
             self.lib.initialize()
         except p11e.PKCS11Error as exc:
