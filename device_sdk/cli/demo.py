@@ -35,7 +35,7 @@ from device_sdk.cli.processes import Supervisor, free_loopback_port, port_is_ope
 from device_sdk.errors import DeviceSDKError
 
 HOST = "127.0.0.1"
-TOKEN_LABEL = "demo-device"
+TOKEN_LABEL = "demo-device"  # noqa: S105 (a token label, not a secret)
 KEY_LABEL = "device-key"
 START_TIMEOUT = 60.0
 PROVISION_TIMEOUT = 120.0
@@ -120,9 +120,15 @@ def _write_pki(directory: Path) -> tuple[Path, Path, Path]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -205,7 +211,9 @@ class Demo:
                 supervisor, database, verifier_port, broker_url, cert_path, key_path, ca_path
             )
         with _timed(report, "broker_start"):
-            self._start_broker(supervisor, database, verifier_url, cert_path, broker_port, broker_url)
+            self._start_broker(
+                supervisor, database, verifier_url, cert_path, broker_port, broker_url
+            )
         with _timed(report, "enrollment_token"):
             token_file = self._create_enrollment_token(supervisor, database)
         with _timed(report, "provision"):
@@ -242,13 +250,21 @@ class Demo:
         import httpx
 
         argv = [
-            *self.python, "verifier", "serve",
-            "--db", str(database),
-            "--port", str(port),
-            "--tls-cert", str(cert_path),
-            "--tls-key", str(key_path),
-            "--broker-audience", broker_url,
-            "--log-level", "warning",
+            *self.python,
+            "verifier",
+            "serve",
+            "--db",
+            str(database),
+            "--port",
+            str(port),
+            "--tls-cert",
+            str(cert_path),
+            "--tls-key",
+            str(key_path),
+            "--broker-audience",
+            broker_url,
+            "--log-level",
+            "warning",
         ]
         child = supervisor.start("verifier", argv, env=self.env)
         self.progress(f"started verifier (PID {child.pid}) on https://{HOST}:{port}")
@@ -275,12 +291,19 @@ class Demo:
         broker_url: str,
     ) -> None:
         argv = [
-            sys.executable, "-m", "device_sdk.cli.demo_broker",
-            "--db", str(database),
-            "--issuer", verifier_url,
-            "--issuer-cert", str(cert_path),
-            "--port", str(port),
-            "--audience", broker_url,
+            sys.executable,
+            "-m",
+            "device_sdk.cli.demo_broker",
+            "--db",
+            str(database),
+            "--issuer",
+            verifier_url,
+            "--issuer-cert",
+            str(cert_path),
+            "--port",
+            str(port),
+            "--audience",
+            broker_url,
         ]
         child = supervisor.start("broker", argv, env=self.env)
         self.progress(f"started MQTT broker (PID {child.pid}) on {broker_url}")
@@ -290,8 +313,15 @@ class Demo:
         self.progress(f"broker ready after {seconds:.2f} s")
 
     def _create_enrollment_token(self, supervisor: Supervisor, database: Path) -> Path:
-        argv = [*self.python, "verifier", "enrollment-token", "create", "--db", str(database),
-                "--json"]
+        argv = [
+            *self.python,
+            "verifier",
+            "enrollment-token",
+            "create",
+            "--db",
+            str(database),
+            "--json",
+        ]
         status, output = supervisor.run("enrollment-token", argv, env=self.env, timeout=60)
         if status != 0:
             raise DemoError(f"creating an enrollment token failed (status {status}):\n{output}")
@@ -314,18 +344,30 @@ class Demo:
     ) -> Path:
         config_path = self.directory / "device.toml"
         argv = [
-            *self.python, "provision",
-            "--key", key_uri,
-            "--verifier", verifier_url,
-            "--enrollment-token-file", str(token_file),
-            "--config", str(config_path),
-            "--ca-bundle", str(ca_path),
-            "--broker", broker_url,
+            *self.python,
+            "provision",
+            "--key",
+            key_uri,
+            "--verifier",
+            verifier_url,
+            "--enrollment-token-file",
+            str(token_file),
+            "--config",
+            str(config_path),
+            "--ca-bundle",
+            str(ca_path),
+            "--broker",
+            broker_url,
             "--allow-software-key",
             "--json",
         ]
-        self.progress("running device-sdk provision")
-        status, output = supervisor.run("provision", argv, env=self.env, timeout=PROVISION_TIMEOUT)
+        status, output = supervisor.run(
+            "provision",
+            argv,
+            env=self.env,
+            timeout=PROVISION_TIMEOUT,
+            on_start=lambda child: self.progress(f"running device-sdk provision (PID {child.pid})"),
+        )
         if status != 0:
             raise DemoError(f"device-sdk provision failed (status {status}):\n{output}")
         self.progress(f"provisioned the device; config in {config_path}")
@@ -385,7 +427,7 @@ class Demo:
         payload = f"hello from {client.device_id} {secrets.token_hex(4)}".encode()
         received: list[bytes] = []
         subscribed: list[bool] = []
-        client.paho.on_message = lambda _c, _u, message: received.append(message.payload)
+        client.paho.on_message = lambda _c, _u, message: received.append(bytes(message.payload))
         client.paho.on_subscribe = lambda *_args: subscribed.append(True)
 
         started = time.monotonic()
@@ -424,7 +466,9 @@ class Demo:
 
 
 def run(args: argparse.Namespace) -> int:
-    progress: Progress = lambda message: print(f"demo: {message}", file=sys.stderr, flush=True)
+    def progress(message: str) -> None:
+        print(f"demo: {message}", file=sys.stderr, flush=True)
+
     directory = Path(tempfile.mkdtemp(prefix="device-sdk-demo-"))
     demo = Demo(directory, progress)
     started = time.monotonic()
@@ -462,11 +506,15 @@ def _print_text(report: DemoReport) -> None:
     print(f"  key:        {report.backend}, hardware_backed={report.hardware_backed}")
     print(f"  verifier:   {report.verifier_url}")
     print(f"  broker:     {report.broker_url}")
-    print(f"  HTTP login: {'ok' if report.http.get('success') else 'FAILED'}"
-          f" ({report.http.get('login_ms', '-')} ms)")
-    print(f"  MQTT login: {'ok' if report.mqtt.get('success') else 'FAILED'}"
-          f" ({report.mqtt.get('login_ms', '-')} ms), message round trip "
-          f"{report.mqtt.get('message_round_trip_ms', '-')} ms")
+    print(
+        f"  HTTP login: {'ok' if report.http.get('success') else 'FAILED'}"
+        f" ({report.http.get('login_ms', '-')} ms)"
+    )
+    print(
+        f"  MQTT login: {'ok' if report.mqtt.get('success') else 'FAILED'}"
+        f" ({report.mqtt.get('login_ms', '-')} ms), message round trip "
+        f"{report.mqtt.get('message_round_trip_ms', '-')} ms"
+    )
     print("  timings (ms):")
     for name, value in data["timings_ms"].items():
         print(f"    {name:<24}{value:>9.1f}")

@@ -139,12 +139,16 @@ class Supervisor:
         *,
         env: Mapping[str, str] | None = None,
         timeout: float = 60.0,
+        on_start: Callable[[Child], None] | None = None,
     ) -> tuple[int, str]:
         """Run a child to completion and return its exit status and output.
 
-        The child is stopped like the others if the block is interrupted meanwhile.
+        ``on_start`` is called with the child once it runs. The child is stopped like the others
+        if the block is interrupted meanwhile.
         """
         child = self.start(name, argv, env=env)
+        if on_start is not None:
+            on_start(child)
         try:
             status = child.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
