@@ -22,6 +22,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from device_sdk.errors import ProtocolError
 
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+_ALPHABET_INDEX = {
+    c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+}
+_UNUSED_BITS = {2: 0b1111, 3: 0b11}
+_TO_STANDARD_ALPHABET = bytes.maketrans(b"-_", b"+/")
+_PADDING = {0: b"", 2: b"==", 3: b"="}
 
 
 def b64url_encode(data: bytes) -> str:
@@ -39,28 +45,37 @@ def b64url_decode(text: str) -> bytes:
         raise ProtocolError("invalid base64url: only A-Z a-z 0-9 - _ and no '=' padding allowed")
     if len(text) % 4 == 1:
         raise ProtocolError(f"invalid base64url: a length of {len(text)} cannot encode bytes")
+
+    # Non-zero bits after the last full byte would decode to the same bytes as the canonical
+    # text. The last character carries 4 unused bits after 2 characters and 2 after 3.
+    remainder = len(text) % 4
+    if remainder and _ALPHABET_INDEX[text[-1]] & _UNUSED_BITS[remainder]:
+        raise ProtocolError("invalid base64url: non-canonical trailing bits")
     try:
-        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        standard = text.encode("ascii").translate(_TO_STANDARD_ALPHABET)
+        return binascii.a2b_base64(standard + _PADDING[remainder])
     except binascii.Error as exc:
         raise ProtocolError(f"invalid base64url: {exc}") from None
 
-    # Non-zero bits after the last full byte decode to the same bytes as the canonical text.
-    if b64url_encode(data) != text:
-        raise ProtocolError("invalid base64url: non-canonical trailing bits")
-    return data
-
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ProtocolError(f"invalid JSON: duplicate key {key!r}")
-        result[key] = value
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ProtocolError(f"invalid JSON: duplicate key {key!r}")
+            seen.add(key)
     return result
 
 
 def _reject_constant(name: str) -> Any:
     raise ProtocolError(f"invalid JSON: {name} is not a number in JSON")
+
+
+_STRICT_DECODER = json.JSONDecoder(
+    object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant
+)
 
 
 def loads_json_object(data: bytes | str) -> dict[str, Any]:
@@ -71,9 +86,7 @@ def loads_json_object(data: bytes | str) -> dict[str, Any]:
         except UnicodeDecodeError:
             raise ProtocolError("invalid JSON: not UTF-8") from None
     try:
-        value = json.loads(
-            data, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant
-        )
+        value = _STRICT_DECODER.decode(data)
     except (ValueError, RecursionError) as exc:
         if isinstance(exc, ProtocolError):
             raise

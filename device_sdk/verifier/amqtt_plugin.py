@@ -58,8 +58,12 @@ class VerifierAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
             password = bytes(password).decode("utf-8", errors="replace")
         if not isinstance(username, str) or not username or not isinstance(password, str):
             log_decision(
-                "assertion", "reject", reason="malformed", client_address=address,
-                detail="CONNECT without username or password", kind="mqtt",
+                "assertion",
+                "reject",
+                reason="malformed",
+                client_address=address,
+                detail="CONNECT without username or password",
+                kind="mqtt",
             )
             return False
 

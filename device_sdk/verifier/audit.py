@@ -7,16 +7,22 @@ enrollment token is never logged: only ids, outcome, reason and client address.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 
 audit_logger = logging.getLogger("device_sdk.verifier.audit")
 
 
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
+MAX_VALUE_LENGTH = 200
+
+
 def _quote(value: object) -> str:
-    text = str(value)
-    if not text or any(c in text for c in ' "=\n\r\t'):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    return text
+    text = str(value)[:MAX_VALUE_LENGTH]
+    if text and not _NEEDS_QUOTES.search(text):
+        return text
+    return json.dumps(text)
 
 
 def log_decision(
@@ -33,6 +39,9 @@ def log_decision(
 
     ``outcome`` is ``accept`` or ``reject``; a rejection gives its ``reason`` code.
     """
+    level = logging.INFO if outcome == "accept" else logging.WARNING
+    if not audit_logger.isEnabledFor(level):
+        return
     record: dict[str, object] = {
         "event": event,
         "outcome": outcome,
@@ -45,5 +54,4 @@ def log_decision(
         record["detail"] = detail
     present = {key: value for key, value in record.items() if value is not None}
     line = " ".join(f"{key}={_quote(value)}" for key, value in present.items())
-    level = logging.INFO if outcome == "accept" else logging.WARNING
     audit_logger.log(level, "%s", line, extra={"audit": present})

@@ -12,7 +12,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,8 +42,9 @@ from device_sdk.verifier.registry import (
 )
 from device_sdk.verifier.signatures import (
     PublicKey,
+    SignatureCheck,
     algorithm_for_public_key,
-    verify_signature,
+    signature_check,
 )
 from device_sdk.verifier.stores import ChallengeStore, RedisChallengeStore, SQLiteChallengeStore
 from device_sdk.verifier.tokens import (
@@ -78,21 +79,25 @@ class VerifiedAssertion:
     record: DeviceRecord
 
 
-def _str_claim(payload: dict[str, Any], name: str, *, required: bool = True) -> str | None:
-    value = payload.get(name)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or not value:
-        raise VerificationError("malformed", f"claim {name!r} must be a non-empty string")
-    return value
+_REQUIRED_STRING_CLAIMS = ("iss", "sub", "aud", "jti")
+_OPTIONAL_STRING_CLAIMS = ("nonce", "cb", "htm", "htu")
+_INTEGER_CLAIMS = ("iat", "exp")
 
 
-def _int_claim(payload: dict[str, Any], name: str) -> int:
-    value = payload.get(name)
-    # JSON true is a Python int; a time must be a real integer.
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise VerificationError("malformed", f"claim {name!r} must be an integer")
-    return value
+def _check_claim_types(payload: dict[str, Any]) -> None:
+    """Check the type of every claim the verifier reads; raise ``malformed`` otherwise."""
+    for name in _REQUIRED_STRING_CLAIMS:
+        value = payload.get(name)
+        if type(value) is not str or not value:
+            raise VerificationError("malformed", f"claim {name!r} must be a non-empty string")
+    for name in _OPTIONAL_STRING_CLAIMS:
+        value = payload.get(name)
+        if value is not None and (type(value) is not str or not value):
+            raise VerificationError("malformed", f"claim {name!r} must be a non-empty string")
+    for name in _INTEGER_CLAIMS:
+        # type() and not isinstance(): JSON true is a Python int, but it is not a time.
+        if type(payload.get(name)) is not int:
+            raise VerificationError("malformed", f"claim {name!r} must be an integer")
 
 
 class Verifier:
@@ -117,10 +122,11 @@ class Verifier:
         self.registry = registry
         self.challenges = challenges
         self._clock = clock
+        self._token_url = config.expected_token_url
         self._signing_key = signing_key or ec.generate_private_key(ec.SECP256R1())
         self._jwk = public_jwk(self._signing_key.public_key())
-        self._key_cache: dict[tuple[str, str], PublicKey] = {}
-        self._key_cache_lock = threading.Lock()
+        self._checks: dict[tuple[str, str, str], SignatureCheck] = {}
+        self._checks_lock = threading.Lock()
 
         self._challenge_per_device = (
             TokenBucketLimiter(config.challenge_limit_per_device)
@@ -273,7 +279,7 @@ class Verifier:
                 audience_kind,
                 expected_device_id,
                 expected_htm,
-                expected_htu or self.config.expected_token_url,
+                expected_htu or self._token_url,
                 context,
             )
         except VerificationError as exc:
@@ -314,7 +320,10 @@ class Verifier:
         jws = parse_compact_jws(token, self.config.max_assertion_bytes)
         algorithm, device_id = self._check_header(jws.header)
         context["device_id"] = device_id
-        claims = self._check_claim_types(jws.payload, device_id)
+        claims = jws.payload
+        _check_claim_types(claims)
+        if claims["iss"] != device_id or claims["sub"] != device_id:
+            raise VerificationError("wrong_device", "iss or sub differs from kid")
 
         if expected_device_id is not None and expected_device_id != device_id:
             raise VerificationError("wrong_device", "kid differs from the MQTT username")
@@ -336,13 +345,15 @@ class Verifier:
         self._check_audience(audience, audience_kind)
         now = self.now()
         self._check_times(claims["iat"], claims["exp"], now)
-        self._check_channel_binding(audience, claims["cb"])
+        self._check_channel_binding(audience, claims.get("cb"))
         if audience_kind == "http":
-            self._check_http_binding(claims["htm"], claims["htu"], expected_htm, expected_htu)
+            self._check_http_binding(
+                claims.get("htm"), claims.get("htu"), expected_htm, expected_htu
+            )
 
-        verify_signature(algorithm, self._public_key(record), jws.signing_input, jws.signature)
+        self._signature_check(record)(jws.signing_input, jws.signature)
 
-        nonce = claims["nonce"]
+        nonce = claims.get("nonce")
         if nonce is None:
             self._spend_jti(claims["jti"], audience, claims["iat"], claims["exp"])
         else:
@@ -359,7 +370,7 @@ class Verifier:
             record=record,
         )
 
-    def _check_header(self, header: dict[str, Any]) -> tuple[str, str]:
+    def _check_header(self, header: Mapping[str, Any]) -> tuple[str, str]:
         algorithm = header.get("alg")
         if not isinstance(algorithm, str):
             raise VerificationError("malformed", "header has no alg string")
@@ -382,23 +393,6 @@ class Verifier:
         if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
             raise VerificationError("malformed", "kid is not a device id")
         return algorithm, device_id
-
-    def _check_claim_types(self, payload: dict[str, Any], device_id: str) -> dict[str, Any]:
-        claims: dict[str, Any] = {
-            "iss": _str_claim(payload, "iss"),
-            "sub": _str_claim(payload, "sub"),
-            "aud": _str_claim(payload, "aud"),
-            "iat": _int_claim(payload, "iat"),
-            "exp": _int_claim(payload, "exp"),
-            "jti": _str_claim(payload, "jti"),
-            "nonce": _str_claim(payload, "nonce", required=False),
-            "cb": _str_claim(payload, "cb", required=False),
-            "htm": _str_claim(payload, "htm", required=False),
-            "htu": _str_claim(payload, "htu", required=False),
-        }
-        if claims["iss"] != device_id or claims["sub"] != device_id:
-            raise VerificationError("wrong_device", "iss or sub differs from kid")
-        return claims
 
     def _check_audience(self, audience: str, audience_kind: AudienceKind) -> None:
         if audience_kind == "http":
@@ -454,19 +448,22 @@ class Verifier:
         if htm != expected_htm or htu != expected_htu:
             raise VerificationError("wrong_audience", "htm or htu is not the token request")
 
-    def _public_key(self, record: DeviceRecord) -> PublicKey:
-        cache_key = (record.device_id, record.public_key_pem)
-        key = self._key_cache.get(cache_key)
-        if key is not None:
-            return key
-        loaded = serialization.load_pem_public_key(record.public_key_pem.encode("ascii"))
-        if not isinstance(loaded, PublicKey):
+    def _signature_check(self, record: DeviceRecord) -> SignatureCheck:
+        # Loading a PEM key costs about as much as a verification, so keys are kept, by the
+        # exact record contents so that a changed record never uses an old key.
+        cache_key = (record.device_id, record.algorithm, record.public_key_pem)
+        check = self._checks.get(cache_key)
+        if check is not None:
+            return check
+        public_key = serialization.load_pem_public_key(record.public_key_pem.encode("ascii"))
+        if not isinstance(public_key, PublicKey):
             raise VerificationError("unsupported_algorithm", "stored key type is not supported")
-        with self._key_cache_lock:
-            if len(self._key_cache) >= _KEY_CACHE_SIZE:
-                self._key_cache.clear()
-            self._key_cache[cache_key] = loaded
-        return loaded
+        check = signature_check(record.algorithm, public_key)
+        with self._checks_lock:
+            if len(self._checks) >= _KEY_CACHE_SIZE:
+                self._checks.clear()
+            self._checks[cache_key] = check
+        return check
 
     def _consume_nonce(self, nonce: str, device_id: str, audience: str, now: int) -> None:
         challenge = self.challenges.consume(nonce)

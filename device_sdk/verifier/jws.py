@@ -7,7 +7,9 @@ duplicate keys, and the whole token at most :data:`MAX_ASSERTION_BYTES` long. Ev
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from device_sdk.auth.encoding import b64url_decode, loads_json_object
@@ -16,12 +18,17 @@ from device_sdk.errors import ProtocolError, VerificationError
 MAX_ASSERTION_BYTES = 8192
 """Longest assertion accepted; a PS256 assertion with a 4096-bit key is about 1.2 KiB."""
 
+# A device sends the same header text with every assertion, so decoded headers are kept by
+# their exact text. Entries are read-only and were checked as strictly as a fresh parse.
+_HEADER_CACHE: dict[str, Mapping[str, Any]] = {}
+_HEADER_CACHE_SIZE = 4096
+
 
 @dataclass(frozen=True)
 class CompactJWS:
     """The decoded parts of a compact JWS."""
 
-    header: dict[str, Any]
+    header: Mapping[str, Any]
     payload: dict[str, Any]
     signing_input: bytes
     signature: bytes
@@ -41,7 +48,12 @@ def parse_compact_jws(token: str, max_bytes: int = MAX_ASSERTION_BYTES) -> Compa
         raise VerificationError("malformed", "empty header or payload")
 
     try:
-        header = loads_json_object(b64url_decode(header_text))
+        header = _HEADER_CACHE.get(header_text)
+        if header is None:
+            header = MappingProxyType(loads_json_object(b64url_decode(header_text)))
+            if len(_HEADER_CACHE) >= _HEADER_CACHE_SIZE:
+                _HEADER_CACHE.clear()
+            _HEADER_CACHE[header_text] = header
         payload = loads_json_object(b64url_decode(payload_text))
         signature = b64url_decode(signature_text)
     except ProtocolError as exc:

@@ -66,6 +66,10 @@ class TokenBucketLimiter:
 
     def retry_after(self, key: str) -> float | None:
         """Return the seconds until ``key`` has a token, or None if it has one now (takes none)."""
+        # A key without a bucket has never taken a token, so its bucket would be full. Reading
+        # the dict without the lock is safe: a membership test is atomic in CPython.
+        if key not in self._buckets:
+            return None
         with self._lock:
             tokens = self._refill(key, self._clock())
             return None if tokens >= 1 else (1 - tokens) / self.limit.per_second

@@ -18,6 +18,8 @@ from device_sdk.verifier.sqlite import ThreadConnections
 ACTIVE = "active"
 REVOKED = "revoked"
 
+_RECORD_CACHE_SIZE = 10_000
+
 
 @dataclass(frozen=True)
 class DeviceRecord:
@@ -124,6 +126,9 @@ class SQLiteDeviceRegistry:
 
     def __init__(self, path: str | Path) -> None:
         self._connections = ThreadConnections(path, _REGISTRY_SCHEMA)
+        # Records by device id with the row they were built from. The row is read on every
+        # lookup and compared, so a record changed by any process is never served stale.
+        self._records: dict[str, tuple[tuple[Any, ...], DeviceRecord]] = {}
 
     def get(self, device_id: str) -> DeviceRecord | None:
         row = (
@@ -131,7 +136,16 @@ class SQLiteDeviceRegistry:
             .execute(_SELECT_DEVICES + " WHERE device_id = ?", (device_id,))
             .fetchone()
         )
-        return None if row is None else _record_from_row(row)
+        if row is None:
+            return None
+        cached = self._records.get(device_id)
+        if cached is not None and cached[0] == row:
+            return cached[1]
+        record = _record_from_row(row)
+        if len(self._records) >= _RECORD_CACHE_SIZE:
+            self._records.clear()
+        self._records[device_id] = (row, record)
+        return record
 
     def list_devices(self) -> list[DeviceRecord]:
         rows = (

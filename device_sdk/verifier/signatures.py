@@ -8,6 +8,8 @@ signatures are rejected before any curve arithmetic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
@@ -22,13 +24,14 @@ SUPPORTED_ALGORITHMS = frozenset({"ES256", "ES384", "EdDSA", "PS256"})
 MIN_RSA_BITS = 2048
 ED25519_SIGNATURE_BYTES = 64
 
-# Group orders, so that r and s outside 1..n-1 are rejected by a plain comparison.
-_EC_PARAMETERS: dict[str, tuple[str, int, int, hashes.HashAlgorithm]] = {
+# Curve, coordinate width, group order (so r and s outside 1..n-1 are rejected by a plain
+# comparison) and signature algorithm of each ECDSA JWS algorithm.
+_EC_PARAMETERS: dict[str, tuple[str, int, int, ec.ECDSA]] = {
     "ES256": (
         "secp256r1",
         32,
         0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
-        hashes.SHA256(),
+        ec.ECDSA(hashes.SHA256()),
     ),
     "ES384": (
         "secp384r1",
@@ -38,7 +41,7 @@ _EC_PARAMETERS: dict[str, tuple[str, int, int, hashes.HashAlgorithm]] = {
             "581A0DB248B0A77AECEC196ACCC52973",
             16,
         ),
-        hashes.SHA384(),
+        ec.ECDSA(hashes.SHA384()),
     ),
 }
 
@@ -65,48 +68,82 @@ def algorithm_for_public_key(public_key: object) -> str:
     raise VerificationError("unsupported_algorithm", f"key type {type(public_key).__name__}")
 
 
+SignatureCheck = Callable[[bytes, bytes], None]
+"""Check ``(message, signature)`` for one key and algorithm; raise ``bad_signature`` if invalid."""
+
+
 def _bad(detail: str) -> VerificationError:
     return VerificationError("bad_signature", detail)
 
 
-def _verify_ecdsa(algorithm: str, public_key: PublicKey, message: bytes, signature: bytes) -> None:
-    curve, size, order, hash_algorithm = _EC_PARAMETERS[algorithm]
+def _ecdsa_check(algorithm: str, public_key: PublicKey) -> SignatureCheck:
+    curve, size, order, signature_algorithm = _EC_PARAMETERS[algorithm]
     if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != curve:
         raise VerificationError("algorithm_mismatch", f"{algorithm} needs a {curve} key")
-    if len(signature) != 2 * size:
-        raise _bad(f"{len(signature)} bytes, expected raw r||s of {2 * size} bytes")
+    key = public_key
 
-    r = int.from_bytes(signature[:size], "big")
-    s = int.from_bytes(signature[size:], "big")
-    if not (0 < r < order and 0 < s < order):
-        raise _bad("r or s outside 1..n-1")
-    try:
-        public_key.verify(encode_dss_signature(r, s), message, ec.ECDSA(hash_algorithm))
-    except InvalidSignature:
-        raise _bad("ECDSA verification failed") from None
+    def check(message: bytes, signature: bytes) -> None:
+        if len(signature) != 2 * size:
+            raise _bad(f"{len(signature)} bytes, expected raw r||s of {2 * size} bytes")
+        r = int.from_bytes(signature[:size], "big")
+        s = int.from_bytes(signature[size:], "big")
+        if not (0 < r < order and 0 < s < order):
+            raise _bad("r or s outside 1..n-1")
+        try:
+            key.verify(encode_dss_signature(r, s), message, signature_algorithm)
+        except InvalidSignature:
+            raise _bad("ECDSA verification failed") from None
+
+    return check
 
 
-def _verify_eddsa(public_key: PublicKey, message: bytes, signature: bytes) -> None:
+def _eddsa_check(public_key: PublicKey) -> SignatureCheck:
     if not isinstance(public_key, ed25519.Ed25519PublicKey):
         raise VerificationError("algorithm_mismatch", "EdDSA needs an Ed25519 key")
-    if len(signature) != ED25519_SIGNATURE_BYTES:
-        raise _bad(f"{len(signature)} bytes, expected {ED25519_SIGNATURE_BYTES}")
-    try:
-        public_key.verify(signature, message)
-    except InvalidSignature:
-        raise _bad("Ed25519 verification failed") from None
+    key = public_key
+
+    def check(message: bytes, signature: bytes) -> None:
+        if len(signature) != ED25519_SIGNATURE_BYTES:
+            raise _bad(f"{len(signature)} bytes, expected {ED25519_SIGNATURE_BYTES}")
+        try:
+            key.verify(signature, message)
+        except InvalidSignature:
+            raise _bad("Ed25519 verification failed") from None
+
+    return check
 
 
-def _verify_pss(public_key: PublicKey, message: bytes, signature: bytes) -> None:
+def _pss_check(public_key: PublicKey) -> SignatureCheck:
     if not isinstance(public_key, rsa.RSAPublicKey) or public_key.key_size < MIN_RSA_BITS:
         raise VerificationError("algorithm_mismatch", f"PS256 needs an RSA key of {MIN_RSA_BITS}+")
+    key = public_key
     size = (public_key.key_size + 7) // 8
-    if len(signature) != size:
-        raise _bad(f"{len(signature)} bytes, expected the modulus length of {size} bytes")
-    try:
-        public_key.verify(signature, message, _PSS_PADDING, hashes.SHA256())
-    except InvalidSignature:
-        raise _bad("RSA-PSS verification failed") from None
+
+    def check(message: bytes, signature: bytes) -> None:
+        if len(signature) != size:
+            raise _bad(f"{len(signature)} bytes, expected the modulus length of {size} bytes")
+        try:
+            key.verify(signature, message, _PSS_PADDING, hashes.SHA256())
+        except InvalidSignature:
+            raise _bad("RSA-PSS verification failed") from None
+
+    return check
+
+
+def signature_check(algorithm: str, public_key: PublicKey) -> SignatureCheck:
+    """Prepare the signature check of one key, doing the key and algorithm checks once.
+
+    Raises :class:`VerificationError` with ``algorithm_mismatch`` when the key does not fit the
+    algorithm, and ``unsupported_algorithm`` for any algorithm outside ES256, ES384, EdDSA and
+    PS256 (``none`` and HMAC among them). The verifier keeps one check per enrolled key.
+    """
+    if algorithm in _EC_PARAMETERS:
+        return _ecdsa_check(algorithm, public_key)
+    if algorithm == "EdDSA":
+        return _eddsa_check(public_key)
+    if algorithm == "PS256":
+        return _pss_check(public_key)
+    raise VerificationError("unsupported_algorithm", f"alg {algorithm[:16]!r} is not allowed")
 
 
 def verify_signature(
@@ -115,15 +152,7 @@ def verify_signature(
     """Check a JWS signature over ``message`` (the ASCII signing input ``header.payload``).
 
     Raises :class:`VerificationError` with reason ``bad_signature`` for a signature that does not
-    verify or is not in the algorithm's one accepted encoding, ``algorithm_mismatch`` when the key
-    does not fit the algorithm, and ``unsupported_algorithm`` for any algorithm outside ES256,
-    ES384, EdDSA and PS256 (``none`` and HMAC among them).
+    verify or is not in the algorithm's one accepted encoding, and the reasons of
+    :func:`signature_check` for a key or algorithm that cannot be used.
     """
-    if algorithm in _EC_PARAMETERS:
-        _verify_ecdsa(algorithm, public_key, message, signature)
-    elif algorithm == "EdDSA":
-        _verify_eddsa(public_key, message, signature)
-    elif algorithm == "PS256":
-        _verify_pss(public_key, message, signature)
-    else:
-        raise VerificationError("unsupported_algorithm", f"alg {algorithm!r} is not allowed")
+    signature_check(algorithm, public_key)(message, signature)
