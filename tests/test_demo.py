@@ -77,6 +77,8 @@ def test_demo_json_succeeds(tmp_path: Path) -> None:
     assert report["key"] == {"backend": "softhsm", "hardware_backed": False}
     assert report["http"]["whoami"] == report["device_id"]
     assert report["verifier_url"].startswith("https://127.0.0.1:")
+    assert report["broker_url"].startswith("mqtts://127.0.0.1:")
+    assert report["mqtt"]["channel_bound"] is True
     assert report["error"] is None
     for step in ("verifier_start", "broker_start", "provision", "http_login", "shutdown"):
         assert report["timings_ms"][step] > 0, step

@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+import ssl
 import sys
 import tempfile
 import time
@@ -31,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from device_sdk.cli.processes import Supervisor, free_loopback_port, port_is_open
+from device_sdk.cli.processes import Child, Supervisor, free_loopback_port, port_is_open
 from device_sdk.errors import DeviceSDKError
 
 HOST = "127.0.0.1"
@@ -104,8 +105,56 @@ Progress = Callable[[str], None]
 # --- throwaway PKI ----------------------------------------------------------------------------
 
 
-def _write_pki(directory: Path) -> tuple[Path, Path, Path]:
-    """Write a CA and a server certificate for 127.0.0.1; return (ca, cert, key) paths."""
+@dataclass(frozen=True)
+class DemoPKI:
+    """Files of the throwaway PKI: a CA and one server certificate each for verifier and broker."""
+
+    ca: Path
+    verifier_cert: Path
+    verifier_key: Path
+    broker_cert: Path
+    broker_key: Path
+
+
+def _write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+
+def _server_certificate(
+    ca_key: ec.EllipticCurvePrivateKey, ca_name: x509.Name, common_name: str
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(HOST)), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return certificate, key
+
+
+def _write_pki(directory: Path) -> DemoPKI:
+    """Write a CA valid for one day and server certificates for 127.0.0.1 signed by it."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device-sdk demo CA")])
@@ -134,41 +183,22 @@ def _write_pki(directory: Path) -> tuple[Path, Path, Path]:
         )
         .sign(ca_key, hashes.SHA256())
     )
-
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address(HOST)), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
+    pki = DemoPKI(
+        ca=directory / "ca.pem",
+        verifier_cert=directory / "verifier.pem",
+        verifier_key=directory / "verifier.key",
+        broker_cert=directory / "broker.pem",
+        broker_key=directory / "broker.key",
     )
-
-    ca_path = directory / "ca.pem"
-    cert_path = directory / "verifier.pem"
-    key_path = directory / "verifier.key"
-    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(
-            server_key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    return ca_path, cert_path, key_path
+    pki.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for name, cert_path, key_path in (
+        ("device-sdk demo verifier", pki.verifier_cert, pki.verifier_key),
+        ("device-sdk demo broker", pki.broker_cert, pki.broker_key),
+    ):
+        certificate, key = _server_certificate(ca_key, ca_name, name)
+        cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        _write_private_key(key_path, key)
+    return pki
 
 
 # --- the demo ---------------------------------------------------------------------------------
@@ -193,33 +223,30 @@ class Demo:
         self.env = dict(os.environ)
         self.env["DEVICE_SDK_LOCK_DIR"] = str(directory / "locks")
         self.python = [sys.executable, "-m", "device_sdk"]
+        self.database = directory / "verifier.sqlite"
+        self.pki: DemoPKI
+        self.verifier_port = self.broker_port = 0
+        self.verifier_url = self.broker_url = ""
 
     def run(self, supervisor: Supervisor) -> None:
         report = self.report
         with _timed(report, "pki_and_token"):
-            ca_path, cert_path, key_path = _write_pki(self.directory)
+            self.pki = _write_pki(self.directory)
             key_uri = self._create_token()
 
-        verifier_port, broker_port = free_loopback_port(), free_loopback_port()
-        verifier_url = f"https://{HOST}:{verifier_port}"
-        broker_url = f"mqtt://{HOST}:{broker_port}"
-        report.verifier_url, report.broker_url = verifier_url, broker_url
-        database = self.directory / "verifier.sqlite"
+        self.verifier_port, self.broker_port = free_loopback_port(), free_loopback_port()
+        self.verifier_url = f"https://{HOST}:{self.verifier_port}"
+        self.broker_url = f"mqtts://{HOST}:{self.broker_port}"
+        report.verifier_url, report.broker_url = self.verifier_url, self.broker_url
 
         with _timed(report, "verifier_start"):
-            self._start_verifier(
-                supervisor, database, verifier_port, broker_url, cert_path, key_path, ca_path
-            )
+            self._start_verifier(supervisor)
         with _timed(report, "broker_start"):
-            self._start_broker(
-                supervisor, database, verifier_url, cert_path, broker_port, broker_url
-            )
+            self._start_broker(supervisor)
         with _timed(report, "enrollment_token"):
-            token_file = self._create_enrollment_token(supervisor, database)
+            token_file = self._create_enrollment_token(supervisor)
         with _timed(report, "provision"):
-            config_path = self._provision(
-                supervisor, key_uri, verifier_url, token_file, ca_path, broker_url
-            )
+            config_path = self._provision(supervisor, key_uri, token_file)
 
         self._log_in(config_path)
         report.ok = bool(report.http["success"] and report.mqtt["success"])
@@ -237,42 +264,21 @@ class Demo:
         self.progress(f"created SoftHSM token {TOKEN_LABEL!r} in {store.directory}")
         return token.key_uri(label=KEY_LABEL)
 
-    def _start_verifier(
-        self,
-        supervisor: Supervisor,
-        database: Path,
-        port: int,
-        broker_url: str,
-        cert_path: Path,
-        key_path: Path,
-        ca_path: Path,
-    ) -> None:
+    def _start_verifier(self, supervisor: Supervisor) -> None:
         import httpx
 
-        argv = [
-            *self.python,
-            "verifier",
-            "serve",
-            "--db",
-            str(database),
-            "--port",
-            str(port),
-            "--tls-cert",
-            str(cert_path),
-            "--tls-key",
-            str(key_path),
-            "--broker-audience",
-            broker_url,
-            "--log-level",
-            "warning",
-        ]
+        argv = [*self.python, "verifier", "serve", "--db", str(self.database)]
+        argv += ["--port", str(self.verifier_port), "--log-level", "warning"]
+        argv += ["--tls-cert", str(self.pki.verifier_cert), "--tls-key", str(self.pki.verifier_key)]
+        argv += ["--broker-audience", self.broker_url]
+        argv += ["--broker-cert", self.broker_url, str(self.pki.broker_cert)]
         child = supervisor.start("verifier", argv, env=self.env)
-        self.progress(f"started verifier (PID {child.pid}) on https://{HOST}:{port}")
+        self.progress(f"started verifier (PID {child.pid}) on {self.verifier_url}")
 
         def ready() -> bool:
             try:
                 response = httpx.get(
-                    f"https://{HOST}:{port}/healthz", verify=str(ca_path), timeout=1.0
+                    self.verifier_url + "/healthz", verify=str(self.pki.ca), timeout=1.0
                 )
             except httpx.HTTPError:
                 return False
@@ -281,51 +287,30 @@ class Demo:
         seconds = supervisor.wait_until(child, ready, timeout=START_TIMEOUT, what="HTTPS /healthz")
         self.progress(f"verifier ready after {seconds:.2f} s")
 
-    def _start_broker(
-        self,
-        supervisor: Supervisor,
-        database: Path,
-        verifier_url: str,
-        cert_path: Path,
-        port: int,
-        broker_url: str,
-    ) -> None:
-        argv = [
-            sys.executable,
-            "-m",
-            "device_sdk.cli.demo_broker",
-            "--db",
-            str(database),
-            "--issuer",
-            verifier_url,
-            "--issuer-cert",
-            str(cert_path),
-            "--port",
-            str(port),
-            "--audience",
-            broker_url,
-        ]
+    def _start_broker(self, supervisor: Supervisor) -> None:
+        argv = [sys.executable, "-m", "device_sdk.cli.demo_broker", "--db", str(self.database)]
+        argv += ["--issuer", self.verifier_url, "--issuer-cert", str(self.pki.verifier_cert)]
+        argv += ["--port", str(self.broker_port), "--audience", self.broker_url]
+        argv += ["--tls-cert", str(self.pki.broker_cert), "--tls-key", str(self.pki.broker_key)]
         child = supervisor.start("broker", argv, env=self.env)
-        self.progress(f"started MQTT broker (PID {child.pid}) on {broker_url}")
+        self.progress(f"started MQTT broker (PID {child.pid}) on {self.broker_url}")
+
         seconds = supervisor.wait_until(
-            child, lambda: port_is_open(port), timeout=START_TIMEOUT, what="TCP accept"
+            child,
+            lambda: port_is_open(self.broker_port),
+            timeout=START_TIMEOUT,
+            what="TCP accept",
         )
         self.progress(f"broker ready after {seconds:.2f} s")
 
-    def _create_enrollment_token(self, supervisor: Supervisor, database: Path) -> Path:
-        argv = [
-            *self.python,
-            "verifier",
-            "enrollment-token",
-            "create",
-            "--db",
-            str(database),
-            "--json",
-        ]
+    def _create_enrollment_token(self, supervisor: Supervisor) -> Path:
+        argv = [*self.python, "verifier", "enrollment-token", "create"]
+        argv += ["--db", str(self.database), "--json"]
         status, output = supervisor.run("enrollment-token", argv, env=self.env, timeout=60)
         if status != 0:
             raise DemoError(f"creating an enrollment token failed (status {status}):\n{output}")
         token = json.loads(output.strip().splitlines()[-1])["tokens"][0]
+
         path = self.directory / "enrollment.token"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
@@ -333,40 +318,18 @@ class Demo:
         self.progress("created a one-time enrollment token")
         return path
 
-    def _provision(
-        self,
-        supervisor: Supervisor,
-        key_uri: str,
-        verifier_url: str,
-        token_file: Path,
-        ca_path: Path,
-        broker_url: str,
-    ) -> Path:
+    def _provision(self, supervisor: Supervisor, key_uri: str, token_file: Path) -> Path:
         config_path = self.directory / "device.toml"
-        argv = [
-            *self.python,
-            "provision",
-            "--key",
-            key_uri,
-            "--verifier",
-            verifier_url,
-            "--enrollment-token-file",
-            str(token_file),
-            "--config",
-            str(config_path),
-            "--ca-bundle",
-            str(ca_path),
-            "--broker",
-            broker_url,
-            "--allow-software-key",
-            "--json",
-        ]
+        argv = [*self.python, "provision", "--key", key_uri, "--verifier", self.verifier_url]
+        argv += ["--enrollment-token-file", str(token_file), "--config", str(config_path)]
+        argv += ["--ca-bundle", str(self.pki.ca), "--broker", self.broker_url]
+        argv += ["--allow-software-key", "--json"]
+
+        def announce(child: Child) -> None:
+            self.progress(f"running device-sdk provision (PID {child.pid})")
+
         status, output = supervisor.run(
-            "provision",
-            argv,
-            env=self.env,
-            timeout=PROVISION_TIMEOUT,
-            on_start=lambda child: self.progress(f"running device-sdk provision (PID {child.pid})"),
+            "provision", argv, env=self.env, timeout=PROVISION_TIMEOUT, on_start=announce
         )
         if status != 0:
             raise DemoError(f"device-sdk provision failed (status {status}):\n{output}")
@@ -420,8 +383,17 @@ class Demo:
     ) -> dict[str, Any]:
         from device_sdk.mqtt.client import DeviceMqttClient
 
+        tls_context = None
+        if broker_url.startswith("mqtts:"):
+            cafile = verify if isinstance(verify, str) else None
+            tls_context = ssl.create_default_context(cafile=cafile)
         client = DeviceMqttClient(
-            key, broker_url, verifier_url=verifier_url, verify=verify, connect_timeout=10.0
+            key,
+            broker_url,
+            verifier_url=verifier_url,
+            verify=verify,
+            tls_context=tls_context,
+            connect_timeout=10.0,
         )
         topic = f"devices/{client.device_id}/demo"
         payload = f"hello from {client.device_id} {secrets.token_hex(4)}".encode()
@@ -432,7 +404,7 @@ class Demo:
 
         started = time.monotonic()
         try:
-            client.connect_once()
+            attempt = client.connect_once()
         except DeviceSDKError as exc:
             return {"success": False, "error": str(exc)}
         login_seconds = time.monotonic() - started
@@ -452,6 +424,7 @@ class Demo:
         return {
             "success": True,
             "login_ms": round(login_seconds * 1000, 1),
+            "channel_bound": attempt.cb is not None,
             "topic": topic,
             "message_round_trip_ms": round(round_trip * 1000, 1),
         }

@@ -26,6 +26,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--issuer-cert", help="the verifier's TLS certificate (PEM)")
     parser.add_argument("--port", required=True, type=int, help="TCP port on 127.0.0.1")
     parser.add_argument("--audience", required=True, help="this broker's URL, the MQTT aud")
+    parser.add_argument("--tls-cert", help="broker certificate (PEM); with --tls-key, serve TLS")
+    parser.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
     return parser.parse_args(argv)
 
 
@@ -36,14 +38,20 @@ async def _serve(args: argparse.Namespace) -> None:
     from device_sdk.verifier.amqtt_plugin import broker_config
     from device_sdk.verifier.core import Verifier
 
-    bindings = channel_bindings_from_pem(args.issuer_cert) if args.issuer_cert else frozenset()
+    http_bindings = channel_bindings_from_pem(args.issuer_cert) if args.issuer_cert else frozenset()
+    broker_bindings = channel_bindings_from_pem(args.tls_cert) if args.tls_cert else frozenset()
     config = VerifierConfig(
         issuer=args.issuer,
-        http_channel_bindings=bindings,
-        broker_audiences={args.audience: frozenset()},
+        http_channel_bindings=http_bindings,
+        broker_audiences={args.audience: broker_bindings},
     )
     verifier = Verifier.open(args.db, config)
-    broker = Broker(broker_config(verifier, host="127.0.0.1", port=args.port))
+    broker_settings = broker_config(verifier, host="127.0.0.1", port=args.port)
+    if args.tls_cert:
+        broker_settings["listeners"]["default"].update(
+            {"ssl": True, "certfile": args.tls_cert, "keyfile": args.tls_key}
+        )
+    broker = Broker(broker_settings)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
