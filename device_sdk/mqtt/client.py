@@ -20,7 +20,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,18 +32,22 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from device_sdk.auth import (
+    MAX_ASSERTION_LIFETIME,
     Answer,
+    Challenge,
     ChallengeRequest,
     ErrorAnswer,
     ServerClock,
+    build_assertion,
+    challenge_flow,
     device_id_of,
     error_for_answer,
-    mqtt_password_flow,
     mqtt_password_without_nonce,
     tls_server_end_point,
 )
 from device_sdk.auth.assertion import PrivateKey
 from device_sdk.auth.encoding import loads_json_object
+from device_sdk.auth.flows import MAX_NONCELESS_LIFETIME
 from device_sdk.errors import (
     ConfigError,
     DeviceSDKError,
@@ -145,9 +149,8 @@ class _AttemptFailed(Exception):
 class _Minting:
     """State of the assertion for the attempt in progress."""
 
-    flow: Generator[ChallengeRequest, Answer, str] | None = None
-    challenge_answer: Answer | None = None
-    channel_binding: bytes | None = None
+    challenge: Challenge | None = None
+    clock: ServerClock | None = None
     jti: str | None = None
     nonce: str | None = None
     cb: str | None = None
@@ -191,6 +194,7 @@ class DeviceMqttClient:
         broker_password_limit: int | None = None,
         nonceless: bool = False,
         clock: ServerClock | None = None,
+        assertion_lifetime: int = MAX_ASSERTION_LIFETIME,
         on_attempt: Callable[[ConnectAttempt], None] | None = None,
     ) -> None:
         self.address = BrokerAddress.parse(broker_url)
@@ -209,6 +213,12 @@ class DeviceMqttClient:
         self.broker_password_limit = broker_password_limit
         self.nonceless = nonceless
         self._clock = clock
+        if not 0 < assertion_lifetime <= MAX_ASSERTION_LIFETIME:
+            raise ConfigError(
+                f"invalid assertion lifetime {assertion_lifetime} s: it must be 1 to "
+                f"{MAX_ASSERTION_LIFETIME} s"
+            )
+        self.assertion_lifetime = assertion_lifetime
         self.on_attempt = on_attempt
         self.on_connect: Callable[[DeviceMqttClient, bool], None] | None = None
 
@@ -406,15 +416,16 @@ class DeviceMqttClient:
         """Fetch the challenge now; the assertion is signed once the broker certificate is known."""
         if self.nonceless:
             return
-        minting = self._minting
-
-        def channel_binding() -> bytes | None:
-            return minting.channel_binding
-
-        flow = mqtt_password_flow(self._key, self.address.url, channel_binding)
+        flow = challenge_flow(self._key, self.address.url)
         request = next(flow)
-        minting.flow = flow
-        minting.challenge_answer = self._post_challenge(request)
+        answer = self._post_challenge(request)
+        try:
+            flow.send(answer)
+        except StopIteration as done:
+            # The server clock is anchored now, when the challenge arrived.
+            self._minting.challenge, self._minting.clock = done.value
+        except ProtocolError as exc:
+            raise _AttemptFailed(Outcome.VERIFIER_UNAVAILABLE, str(exc)) from None
 
     def _post_challenge(self, request: ChallengeRequest) -> Answer:
         assert self.verifier_url is not None
@@ -481,17 +492,18 @@ class DeviceMqttClient:
         minting = self._minting
         if self.nonceless:
             password = mqtt_password_without_nonce(
-                self._key, self.address.url, channel_binding, clock=self._clock
+                self._key, self.address.url, channel_binding, clock=self._clock,
+                lifetime=min(self.assertion_lifetime, MAX_NONCELESS_LIFETIME),
             )
         else:
-            minting.channel_binding = channel_binding
-            assert minting.flow is not None and minting.challenge_answer is not None
-            try:
-                minting.flow.send(minting.challenge_answer)
-            except StopIteration as done:
-                password = str(done.value)
-            else:
-                raise ProtocolError("the MQTT password flow asked for more than one challenge")
+            assert minting.challenge is not None
+            password = build_assertion(
+                self._key,
+                minting.challenge,
+                channel_binding=channel_binding,
+                clock=minting.clock,
+                lifetime=self.assertion_lifetime,
+            )
 
         claims = jwt.decode(password, options={"verify_signature": False})
         minting.jti = claims.get("jti")
