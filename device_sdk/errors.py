@@ -29,9 +29,12 @@ failed, on which value, and what to do next; they never contain a PIN, token or 
     │   ├── LoginError               the server refused the login
     │   └── PasswordTooLongError     an MQTT password exceeds the MQTT or broker limit
     └── ProvisioningError            a provisioning step failed; ``step`` names it
+        └── LockHeldError            another run holds the token or config lock: lock file, PID
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class DeviceSDKError(Exception):
@@ -203,3 +206,16 @@ class ProvisioningError(DeviceSDKError):
     def __init__(self, message: str, *, step: str | None = None) -> None:
         self.step = step
         super().__init__(f"{step}: {message}" if step else message)
+
+
+class LockHeldError(ProvisioningError):
+    """Another provisioning run holds the lock on a token or config.
+
+    ``lock_path`` is the lock file and ``holder_pid`` the PID recorded in it, or None when the
+    holder had not written it yet.
+    """
+
+    def __init__(self, message: str, *, lock_path: Path, holder_pid: int | None) -> None:
+        self.lock_path = lock_path
+        self.holder_pid = holder_pid
+        super().__init__(message, step="lock")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from device_sdk.errors import ConfigError, PinIncorrectError, ProvisioningError
+from device_sdk.errors import ConfigError, LockHeldError, PinIncorrectError, ProvisioningError
 from device_sdk.provisioning.batch import (
     ManifestRow,
     RowOutcome,
@@ -21,7 +21,7 @@ from device_sdk.provisioning.batch import (
     run_batch,
     write_report,
 )
-from device_sdk.provisioning.lock import LockHeldError, exclusive_lock, lock_path_for
+from device_sdk.provisioning.lock import exclusive_lock, lock_path_for
 from device_sdk.provisioning.state import (
     STEPS,
     ProvisioningState,

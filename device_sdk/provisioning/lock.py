@@ -18,20 +18,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from device_sdk.errors import ProvisioningError
+from device_sdk.errors import LockHeldError, ProvisioningError
 
 logger = logging.getLogger(__name__)
 
 LOCK_DIR_ENV = "DEVICE_SDK_LOCK_DIR"
-
-
-class LockHeldError(ProvisioningError):
-    """Another process holds the lock; ``holder_pid`` names it where the lock file records it."""
-
-    def __init__(self, message: str, *, lock_path: Path, holder_pid: int | None) -> None:
-        self.lock_path = lock_path
-        self.holder_pid = holder_pid
-        super().__init__(message, step="lock")
 
 
 def default_lock_dir() -> Path:
