@@ -263,3 +263,72 @@ def test_info_reports_device(provision_lab: ProvisionLab) -> None:
     assert info["broker"]["reachable"] is False
     assert info["ok"] is False
     assert info["problems"][0].startswith("broker mqtt://127.0.0.1:9 is unreachable")
+
+
+def test_auto_without_software_key_fails(provision_lab: ProvisionLab) -> None:
+    lab = provision_lab
+    config_path = lab.directory / "auto" / "device.toml"
+
+    completed = lab.run(
+        "provision",
+        "--auto",
+        "--verifier",
+        lab.verifier_url,
+        "--enrollment-token-file",
+        str(lab.enrollment_token_file()),
+        "--config",
+        str(config_path),
+        env={"DEVICE_SDK_KEY_URI": ""},
+    )
+
+    assert completed.returncode == 1
+    assert "--auto found no key store" in completed.stderr
+    assert "add --allow-software-key to use SoftHSM" in completed.stderr
+    assert lab.devices() == []
+
+
+def test_auto_falls_back_to_softhsm(provision_lab: ProvisionLab) -> None:
+    lab = provision_lab
+    config_path = lab.directory / "auto" / "device.toml"
+    config_path.parent.mkdir()
+    env = {key: value for key, value in lab.env.items() if key != "SOFTHSM2_CONF"}
+    args = [
+        sys.executable,
+        "-m",
+        "device_sdk",
+        "provision",
+        "--auto",
+        "--allow-software-key",
+        "--verifier",
+        lab.verifier_url,
+        "--enrollment-token-file",
+        str(lab.enrollment_token_file()),
+        "--config",
+        str(config_path),
+        "--json",
+    ]
+
+    completed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+
+    result = _json(completed)
+    store_conf = config_path.parent / "softhsm" / "softhsm2.conf"
+    assert f"to use this key later, export SOFTHSM2_CONF={store_conf}" in result["messages"]
+    assert result["backend"] == "softhsm"
+    assert result["hardware_backed"] is False
+    config = load_config(config_path)
+    assert config.software_key_allowed is True
+    assert "token=device-sdk" in config.key_uri
+    assert [d["device_id"] for d in lab.devices()] == [config.device_id]
+
+    # A re-run with --auto keeps the configured key.
+    again = subprocess.run(
+        args,
+        env={**env, "SOFTHSM2_CONF": str(store_conf)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    second = _json(again)
+    assert second["device_id"] == config.device_id
+    assert any(f"from the existing config {config_path}" in m for m in second["messages"])
+    assert len(lab.devices()) == 1
