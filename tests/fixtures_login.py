@@ -79,6 +79,7 @@ def serve_verifier(
     issuer: str | None = None,
     broker_audiences: tuple[str, ...] = (),
     access_token_lifetime: int = 300,
+    extra_args: tuple[str, ...] = (),
 ) -> VerifierServer:
     """Start ``device-sdk verifier serve`` with rate limits off and wait until it answers."""
     port = port or free_port()
@@ -96,6 +97,7 @@ def serve_verifier(
         argv += ["--issuer", issuer]
     for audience in broker_audiences:
         argv += ["--broker-audience", audience]
+    argv += list(extra_args)
     server = factory.command(
         argv,
         port=port,
