@@ -148,7 +148,7 @@ def test_challenge_for_other_audience_refused(verifier: Verifier, device: Device
     flow = login_flow(device.key, ISSUER, TOKEN_URL, HTTP_CB)
     next(flow)
     answer = verifier.issue_challenge(device.device_id, PLAIN_BROKER)
-    with pytest.raises(ProtocolError, match="answered for device"):
+    with pytest.raises(ProtocolError, match="returned a challenge for device"):
         flow.send(answer)
 
 

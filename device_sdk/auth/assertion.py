@@ -91,7 +91,7 @@ def build_assertion(
     clock: ServerClock | None = None,
     lifetime: int = MAX_ASSERTION_LIFETIME,
 ) -> str:
-    """Sign an assertion that answers ``challenge``.
+    """Sign an assertion in response to ``challenge``.
 
     ``channel_binding`` is the ``tls-server-end-point`` value of the certificate the device saw
     (:func:`~device_sdk.auth.channel_binding.tls_server_end_point`); it is required for a TLS

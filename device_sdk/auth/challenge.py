@@ -44,7 +44,7 @@ class Challenge:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Challenge:
-        """Parse the verifier's challenge answer.
+        """Parse the verifier's challenge response.
 
         Every field must be present with its type; the nonce must decode to at least 32 bytes and
         the lifetime must lie between 1 and 120 seconds. Fields this version does not know are

@@ -22,8 +22,8 @@ def end_point_hash(certificate: x509.Certificate) -> hashes.HashAlgorithm:
 
     That is the hash of the certificate's signature algorithm, with SHA-256 in place of MD5 and
     SHA-1. Ed25519 and Ed448 signatures have no separate hash and RFC 5929 defines none for them,
-    so this module uses SHA-256. Device and verifier both compute it here, so they agree; other
-    software may not (OpenSSL maps Ed25519 to no digest, and PostgreSQL then rejects the binding).
+    so this module uses SHA-256. Device and verifier both compute it here, so they agree. Other
+    software may not: OpenSSL maps Ed25519 to no digest, and PostgreSQL then rejects the binding.
     """
     algorithm = certificate.signature_hash_algorithm
     if algorithm is None or isinstance(algorithm, _UPGRADED_TO_SHA256):

@@ -1,9 +1,9 @@
 """Login flows as generators, driven by a transport adapter (the ``httpx.Auth`` pattern).
 
-A flow yields the request it needs and receives the answer through ``send()``: the decoded JSON
-object of a 2xx answer, or an :class:`ErrorAnswer` for any other status. It finishes by returning
-its result (``StopIteration.value``). No sockets live here, so one flow serves HTTP, MQTT, sync
-and async adapters alike. A driver looks like this::
+A flow yields the request it needs and receives the response through ``send()``: the decoded
+JSON object of a 2xx response, or an :class:`ErrorAnswer` for any other status. It finishes by
+returning its result (``StopIteration.value``). No sockets live here, so one flow serves HTTP,
+MQTT, sync and async adapters alike. A driver looks like this::
 
     flow = login_flow(key, audience, token_url, channel_binding)
     request = next(flow)
@@ -73,7 +73,7 @@ class TokenRequest:
 
 @dataclass(frozen=True)
 class ErrorAnswer:
-    """A non-2xx answer, sent into a flow by the adapter in place of a JSON object.
+    """A non-2xx response, sent into a flow by the adapter in place of a JSON object.
 
     ``retry_after`` is the ``Retry-After`` header in seconds, when the server sent one.
     """
@@ -107,7 +107,7 @@ class AccessToken:
 
 
 def error_for_answer(answer: ErrorAnswer, step: str) -> Exception:
-    """Map a non-2xx answer of the verifier to the SDK exception a caller can act on."""
+    """Map a non-2xx response of the verifier to the SDK exception a caller can act on."""
     status = answer.status_code
     if status == 429:
         wait = f" after {answer.retry_after:g} s" if answer.retry_after is not None else " later"
@@ -155,8 +155,9 @@ def challenge_flow(
 
     if challenge.device_id != device_id or challenge.audience != audience:
         raise ProtocolError(
-            f"challenge request: the verifier answered for device {challenge.device_id} and "
-            f"audience {challenge.audience}, not {device_id} and {audience}"
+            f"challenge request: the verifier returned a challenge for device "
+            f"{challenge.device_id} and audience {challenge.audience}, not {device_id} and "
+            f"{audience}"
         )
     return challenge, clock
 
@@ -195,7 +196,7 @@ def _parse_access_token(body: Mapping[str, Any], sent_at: float) -> AccessToken:
     token_type = body.get("token_type")
     expires_in = body.get("expires_in")
     if not isinstance(token, str) or not token:
-        raise ProtocolError("token request: the answer has no access_token string")
+        raise ProtocolError("token request: the response has no access_token string")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
         raise ProtocolError(f"token request: token_type {token_type!r} is not Bearer")
     if not isinstance(expires_in, int) or isinstance(expires_in, bool) or expires_in <= 0:
@@ -225,10 +226,10 @@ def mqtt_password_without_nonce(
     clock: ServerClock | None = None,
     lifetime: int = MAX_NONCELESS_LIFETIME,
 ) -> str:
-    """Mint an MQTT password without a server challenge: weaker, use it only where asked.
+    """Mint an MQTT password without a server challenge: weaker, so use it only where required.
 
-    The assertion has no ``nonce``; it is fresh only by its short ``exp`` and single use only
-    because the verifier remembers its ``jti`` until it expires. A device whose clock is wrong
+    The assertion has no ``nonce``. Its short ``exp`` keeps it fresh, and the verifier makes it
+    single use by remembering its ``jti`` until it expires. A device whose clock is wrong
     fails, so pass a ``clock`` anchored on an earlier challenge where one exists. The verifier
     accepts such assertions only for broker audiences configured to allow them.
     """

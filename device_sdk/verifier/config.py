@@ -60,7 +60,7 @@ class VerifierConfig:
     """Settings of a verifier. Times are in seconds.
 
     ``issuer`` is the verifier's public URL, which is also the ``aud`` of HTTP login assertions;
-    ``http_channel_bindings`` holds the ``tls-server-end-point`` values of every certificate it
+    ``http_channel_bindings`` contains the ``tls-server-end-point`` values of every certificate it
     may present (several during a rotation). ``broker_audiences`` maps each broker URL to the
     values of that broker's certificates. A non-TLS URL (``http:``, ``mqtt:``) takes an empty
     set, and its assertions must then carry no ``cb``. ``nonceless_audiences`` lists broker URLs

@@ -103,7 +103,7 @@ def _check_claim_types(payload: dict[str, Any]) -> None:
 class Verifier:
     """Server side of the device login protocol.
 
-    ``registry`` holds device records and enrollment tokens, ``challenges`` the issued
+    ``registry`` stores device records and enrollment tokens, ``challenges`` the issued
     challenges. ``signing_key`` signs access tokens; without one, a fresh key is generated and
     lives only as long as this object (use :meth:`open` to keep it in a file). ``clock``
     returns Unix time and exists for tests. All methods are safe to call from several threads.
@@ -184,7 +184,7 @@ class Verifier:
     def issue_challenge(
         self, device_id: str, audience: str, client_address: str | None = None
     ) -> dict[str, Any]:
-        """Issue a single-use challenge for a device and audience; return its JSON answer.
+        """Issue a single-use challenge for a device and audience; return the JSON response.
 
         Raises :class:`VerificationError`: ``rate_limited`` (with ``retry_after``),
         ``wrong_audience`` for an audience this verifier does not serve, ``unknown_device``,
@@ -494,7 +494,7 @@ class Verifier:
     # Access tokens
 
     def issue_access_token(self, verified: VerifiedAssertion) -> dict[str, Any]:
-        """Sign a short-lived access token for a verified HTTP assertion; return the answer JSON."""
+        """Sign a short-lived access token for a verified HTTP assertion; return the response."""
         now = self.now()
         lifetime = self.config.access_token_lifetime
         claims = {

@@ -16,7 +16,7 @@ from device_sdk.auth.encoding import b64url_decode, loads_json_object
 from device_sdk.errors import ProtocolError, VerificationError
 
 MAX_ASSERTION_BYTES = 8192
-"""Longest assertion accepted; a PS256 assertion with a 4096-bit key is about 1.2 KiB."""
+"""Maximum assertion length in characters; a PS256 assertion with a 4096-bit key has about 1200."""
 
 # A device sends the same header text with every assertion, so decoded headers are kept by
 # their exact text. Entries are read-only and were checked as strictly as a fresh parse.
@@ -59,6 +59,6 @@ def parse_compact_jws(token: str, max_bytes: int = MAX_ASSERTION_BYTES) -> Compa
     except ProtocolError as exc:
         raise VerificationError("malformed", str(exc)) from None
 
-    # The regular expression in b64url_decode let only ASCII through, so this cannot fail.
+    # b64url_decode accepted both parts, and it accepts only ASCII, so this encode cannot fail.
     signing_input = f"{header_text}.{payload_text}".encode("ascii")
     return CompactJWS(header, payload, signing_input, signature)

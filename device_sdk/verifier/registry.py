@@ -39,7 +39,7 @@ class DeviceRecord:
         return self.status == ACTIVE
 
     def to_json(self) -> dict[str, Any]:
-        """Return the record as the enrollment answer and the CLI show it."""
+        """Return the record as a JSON object, the form the enrollment response and CLI use."""
         return asdict(self)
 
 

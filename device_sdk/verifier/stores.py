@@ -141,7 +141,7 @@ class SQLiteChallengeStore:
 
     ``consume`` is one ``UPDATE ... WHERE consumed = 0 RETURNING`` statement. SQLite runs it
     under the database write lock, so exactly one of several concurrent calls, in any process,
-    sees the row with ``consumed = 0``. The row stays as the spent marker.
+    finds the row with ``consumed = 0``. The row stays as the spent marker.
     """
 
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
