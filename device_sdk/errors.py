@@ -21,8 +21,11 @@ failed, on which value, and what to do next; they never contain a PIN, token or 
     │   ├── KeyExportError           export of a hardware key was requested
     │   ├── KeyPolicyError           a key is extractable or otherwise unsafe to use
     │   ├── SoftHSMError             SoftHSM library, config or token store problem
-    │   ├── TPMError                 a TPM 2.0 command failed
+    │   ├── TPMError                 a TPM 2.0 command failed: command, TPM_RC_ code
+    │   │   └── TPMLockoutError          TPM_RC_LOCKOUT: dictionary-attack lockout, never retried
     │   └── SerialLinkError          the serial secure element link failed
+    │       ├── SerialTimeoutError       no complete reply before the deadline
+    │       └── SerialDeviceError        the firmware answered with an error status
     ├── ProtocolError                a challenge, assertion or token is malformed or unusable
     │   └── VerificationError        the verifier rejected an assertion; ``reason`` says why
     ├── TransportError               an HTTP or MQTT exchange failed
@@ -131,11 +134,77 @@ class SoftHSMError(KeyStoreError):
 
 
 class TPMError(KeyStoreError):
-    """A TPM 2.0 command failed."""
+    """A TPM 2.0 command failed.
+
+    ``command`` is the TPM command or SDK step (``TPM2_Sign``), ``rc`` the TSS2 return code and
+    ``rc_name`` its name (``TPM_RC_LOCKOUT``) when one is known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        command: str | None = None,
+        rc: int | None = None,
+        rc_name: str | None = None,
+    ) -> None:
+        self.command = command
+        self.rc = rc
+        self.rc_name = rc_name
+        code = f"{rc_name or 'TPM_RC_?'} (0x{rc:X})" if rc is not None else ""
+        super().__init__(": ".join(part for part in (command, code, message) if part))
+
+
+class TPMLockoutError(TPMError):
+    """The TPM is in dictionary-attack lockout and refuses authorizations for DA-protected keys.
+
+    The SDK never retries, because every further failed try extends the lockout.
+    ``recovery_interval`` is the seconds the TPM needs to forgive one failed try
+    (TPM2_PT_LOCKOUT_INTERVAL) and ``failed_tries`` the current count, when the TPM reported them.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        command: str | None = None,
+        rc: int | None = None,
+        rc_name: str | None = None,
+        recovery_interval: int | None = None,
+        failed_tries: int | None = None,
+    ) -> None:
+        self.recovery_interval = recovery_interval
+        self.failed_tries = failed_tries
+        super().__init__(message, command=command, rc=rc, rc_name=rc_name)
 
 
 class SerialLinkError(KeyStoreError):
     """The link to the serial secure element failed."""
+
+
+class SerialTimeoutError(SerialLinkError):
+    """No complete reply arrived before the deadline.
+
+    ``bytes_received`` counts the bytes that did arrive, in frames that failed their checks too.
+    """
+
+    def __init__(self, message: str, *, bytes_received: int) -> None:
+        self.bytes_received = bytes_received
+        super().__init__(message)
+
+
+class SerialDeviceError(SerialLinkError):
+    """The firmware answered a command with an error status.
+
+    ``status`` is the protocol status code and ``status_name`` its name (``SLOT_LOCKED``);
+    ``detail`` is the secure element's own status byte, or 0.
+    """
+
+    def __init__(self, message: str, *, status: int, status_name: str, detail: int = 0) -> None:
+        self.status = status
+        self.status_name = status_name
+        self.detail = detail
+        super().__init__(message)
 
 
 class ProtocolError(DeviceSDKError):
