@@ -31,7 +31,7 @@ from device_sdk.verifier import Verifier
 
 
 def drive(flow: Generator[Any, Any, Any], verifier: Verifier) -> Any:
-    """Play the transport: answer each request of the flow from the verifier, as the app would."""
+    """Play the transport: serve each request of the flow from the verifier, as the app would."""
     request = next(flow)
     try:
         while True:
@@ -121,7 +121,7 @@ def test_wrong_channel_binding_login_fails(verifier: Verifier, device: Device) -
         (ErrorAnswer(503), TransportError, "failed with HTTP 503"),
     ],
 )
-def test_error_answers_mapped(answer: ErrorAnswer, error: type[Exception], message: str) -> None:
+def test_error_responses_mapped(answer: ErrorAnswer, error: type[Exception], message: str) -> None:
     exception = error_for_answer(answer, "challenge request")
     assert type(exception) is error
     assert message in str(exception)

@@ -97,7 +97,7 @@ def test_expired_enrollment_token(verifier: Verifier, clock: ManualClock) -> Non
 
 def test_enrollment_token_stored_as_hash(verifier: Verifier, tmp_path: Path) -> None:
     token = verifier.create_enrollment_tokens(never_expire=True)[0]
-    # The write-ahead log holds the newest pages, so read it as well as the main file.
+    # The write-ahead log contains the newest pages, so read it as well as the main file.
     database = b"".join(path.read_bytes() for path in tmp_path.glob("registry.db*"))
     assert token.encode() not in database
     assert hash_enrollment_token(token).encode() in database
@@ -403,7 +403,7 @@ def test_plain_broker_with_bindings_refused() -> None:
         ({"nonceless_audiences": frozenset({"mqtt://x:1"})}, "are not broker audiences"),
     ],
 )
-def test_invalid_config_refused(overrides: dict[str, object], message: str) -> None:
+def test_invalid_config_rejected(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         verifier_config(**overrides)
 

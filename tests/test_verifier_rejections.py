@@ -476,7 +476,7 @@ def test_failed_signature_keeps_challenge(verifier: Verifier, device: Device) ->
     _, _, signature = split(token)
     flipped = signature[:-1] + bytes([signature[-1] ^ 1])
     assert reject(verifier, with_signature(token, flipped)).reason == "bad_signature"
-    # A forged answer must not burn the device's challenge.
+    # A forged assertion must not spend the device's challenge.
     assert verifier.verify_assertion(token, audience_kind="http").device_id == device.device_id
 
 

@@ -2,7 +2,7 @@
 
 Every ``valid`` vector must verify and every ``invalid`` one must be rejected. ``acceptable``
 vectors (legal but discouraged inputs, such as BER-encoded signatures) are expected to be
-rejected, because the verifier accepts exactly one encoding per algorithm; the vector files in
+rejected, because the verifier accepts exactly one encoding per algorithm. The vector files in
 use today contain none.
 
 The DER files test the device-side conversion: a token that returns DER where raw is due is
