@@ -1,10 +1,10 @@
 """``device-sdk demo``: the whole device login, end to end, on one machine with no configuration.
 
-The demo makes a temporary directory with a throwaway CA and a SoftHSM token, starts the verifier
-(SQLite, HTTPS with the throwaway CA) and the embedded amqtt broker with the verifier plugin on
-free loopback ports, provisions one device by running ``device-sdk provision`` as a child
-process, logs in over HTTP and MQTT, publishes a message and receives it back, and prints a
-report with timings. Every child runs under :class:`~device_sdk.cli.processes.Supervisor`, so
+The demo makes a temporary directory with a throwaway CA and a SoftHSM token. It starts the
+verifier (SQLite, HTTPS) and the embedded amqtt broker (TLS, with the verifier plugin) on free
+loopback ports, and provisions one device by running ``device-sdk provision`` as a child process.
+Then it logs in over HTTP and MQTT, publishes a message, receives it back, and prints a report
+with timings. Every child runs under :class:`~device_sdk.cli.processes.Supervisor`, so
 the demo ends with no process left behind, also after Ctrl-C or SIGTERM.
 """
 
@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 @dataclass
 class DemoReport:
-    """What the demo did, with the time each step took in seconds."""
+    """The demo report: login results, the key's provenance, and each step's time in seconds."""
 
     ok: bool = False
     device_id: str | None = None

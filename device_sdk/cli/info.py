@@ -1,4 +1,4 @@
-"""``device-sdk info``: what a device config names, and whether its servers answer."""
+"""``device-sdk info``: the identity a device config names, and whether its servers respond."""
 
 from __future__ import annotations
 

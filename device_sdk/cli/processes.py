@@ -1,9 +1,9 @@
 """Child process supervision for ``device-sdk demo``: start, wait until ready, stop every one.
 
 Each child runs in its own session (process group), so stopping it also stops anything it
-started. On Linux each child also asks the kernel for SIGTERM when the supervising process dies,
-so even a SIGKILL of the demo leaves nothing behind. SIGINT, SIGTERM and SIGHUP all end in the
-same shutdown path.
+started. On Linux each child also sets PR_SET_PDEATHSIG, so the kernel sends it SIGTERM when the
+supervising process dies, even by SIGKILL. SIGINT, SIGTERM and SIGHUP all end in the same
+shutdown path.
 """
 
 from __future__ import annotations

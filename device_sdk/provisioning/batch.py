@@ -212,7 +212,7 @@ def read_manifest(path: Path) -> list[ManifestRow]:
 
 
 def row_is_done(row: ManifestRow) -> bool:
-    """Return True when the row's state record says every provisioning step finished."""
+    """Return True when the row's state record shows that every provisioning step finished."""
     try:
         state = load_state(state_path_for(row.config))
     except ProvisioningError:
@@ -222,7 +222,7 @@ def row_is_done(row: ManifestRow) -> bool:
 
 @dataclass(frozen=True)
 class RowOutcome:
-    """What a row provisioner returns on success."""
+    """The result that a row provisioner returns on success."""
 
     device_id: str
     reused_key: bool
@@ -293,6 +293,6 @@ def _record_failure(result: RowResult, exc: Exception) -> None:
 
 
 def write_report(path: Path, report: BatchReport) -> None:
-    """Write the JSON report atomically (mode 0644: it holds no secret)."""
+    """Write the JSON report atomically (mode 0644, because it contains no secret)."""
     text = json.dumps(report.to_dict(), indent=2) + "\n"
     write_file_atomic(path, text.encode("utf-8"), mode=0o644)

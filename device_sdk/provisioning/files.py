@@ -12,7 +12,7 @@ def write_file_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half.
 
     The data goes to a temporary file in the same directory with ``mode``, is flushed to disk,
-    and then renamed over ``path``; the directory is synced so the rename survives a power cut.
+    and then renamed over ``path``. The directory is synced so that the rename survives a power cut.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

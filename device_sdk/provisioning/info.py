@@ -1,4 +1,4 @@
-"""What ``device-sdk info`` reports about a provisioned device, gathered without printing."""
+"""The report of ``device-sdk info`` on a provisioned device, gathered without printing."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ MQTT_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
 
 @dataclass
 class Reachability:
-    """Whether a server answered, how fast, and the error when it did not."""
+    """The result of a reachability check: whether the server responded, how fast, and the error."""
 
     url: str
     reachable: bool
@@ -37,7 +37,7 @@ class Reachability:
 
 @dataclass
 class CertificateInfo:
-    """Where the device certificate is and when it expires."""
+    """The location, subject and expiry of the device certificate."""
 
     location: str | None
     not_after: str | None = None
@@ -79,7 +79,7 @@ def _ssl_context(config: DeviceConfig) -> ssl.SSLContext:
 
 
 def check_verifier(config: DeviceConfig) -> Reachability:
-    """GET the verifier's health endpoint; any HTTP answer counts as reachable."""
+    """GET the verifier's health endpoint; any HTTP response counts as reachable."""
     url = config.verifier_url.rstrip("/") + HEALTH_PATH
     started = time.monotonic()
     try:

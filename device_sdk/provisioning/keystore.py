@@ -1,4 +1,4 @@
-"""What provisioning needs from a key backend, for every URI scheme in one place.
+"""The key backend operations that provisioning uses, for every URI scheme in one place.
 
 PKCS#11 is complete here. ``tpm2:`` and ``serial:`` keys are opened through
 :func:`device_sdk.keys.open_key`, and created through their backend module's ``generate_key``

@@ -57,7 +57,7 @@ DEFAULT_ALGORITHM = "ec-p256"
 
 @dataclass(frozen=True)
 class ProvisioningRequest:
-    """What to provision. ``key_uri`` may carry a ``pin-source`` but never a ``pin-value``."""
+    """The device to provision. ``key_uri`` may carry a ``pin-source`` but never a ``pin-value``."""
 
     key_uri: str
     config_path: Path
@@ -71,7 +71,7 @@ class ProvisioningRequest:
 
 @dataclass
 class StepOutcome:
-    """How one step went: ``done`` now, ``recorded`` (done by an earlier run) or ``skipped``."""
+    """The outcome of one step: ``done``, ``recorded`` (by an earlier run) or ``skipped``."""
 
     step: str
     status: str
@@ -251,7 +251,7 @@ class _Run:
         assert self.key is not None and self.state.device_id and self.state.csr_pem
         verify = _verify_setting(self.request.ca_bundle)
 
-        # A key that was on the token before this config existed may be enrolled already; so
+        # A key that was on the token before this config existed may be enrolled already. So
         # may a key whose enrollment finished just before a crash.
         if (self.key_found or self.state.key_generated) and device_is_enrolled(
             self.request.verifier_url, self.state.device_id, verify=verify
@@ -278,7 +278,7 @@ class _Run:
         )
         if enrollment.device.get("device_id") != self.state.device_id:
             raise ProvisioningError(
-                f"the verifier answered with device_id {enrollment.device.get('device_id')!r} "
+                f"the verifier returned device_id {enrollment.device.get('device_id')!r} "
                 f"for key {self.state.device_id}",
                 step="enroll",
             )
@@ -412,8 +412,8 @@ def _verify_setting(ca_bundle: Path | None) -> bool | str:
 def _read_enrollment_token(path: Path | None) -> str:
     if path is None:
         raise ConfigError(
-            "no enrollment token file: pass --enrollment-token-file with a file that holds the "
-            "one-time token from `device-sdk verifier enrollment-token create`"
+            "missing enrollment token file: pass --enrollment-token-file with a file that "
+            "contains the one-time token from `device-sdk verifier enrollment-token create`"
         )
     try:
         token = read_pin_source(f"file:{path.absolute()}").strip()

@@ -2,9 +2,9 @@
 
 The record sits next to the device config (``device.toml`` gets ``device.toml.provisioning.json``)
 and is rewritten atomically after every step, so a run killed at any point resumes from the last
-recorded step. Every step is idempotent on its own as well: the record saves work and keeps what
-earlier steps learned (device_id, CSR, device record), but a step whose effect happened before a
-crash and was never recorded is simply run again and finds its earlier result.
+recorded step. Every step is idempotent on its own as well. The record saves work and keeps what
+earlier steps learned (device_id, CSR, device record). A step whose effect happened before a crash
+but was never recorded is run again and finds its earlier result.
 
 The record holds no secret: no PIN, no enrollment token, no private key.
 """
@@ -37,7 +37,7 @@ def state_path_for(config_path: Path) -> Path:
 
 @dataclass
 class ProvisioningState:
-    """What a provisioning run has done so far, for one device config."""
+    """The progress of provisioning one device config: the steps done and what they learned."""
 
     key_uri: str = ""
     completed: list[str] = field(default_factory=list)

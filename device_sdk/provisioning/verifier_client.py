@@ -1,7 +1,8 @@
 """The provisioning side of the verifier's HTTP API: enrollment, a device check and a test login.
 
-Wire format: ``docs/protocol.md`` (section 5 for enrollment). Every call takes the TLS setting
-``verify`` as httpx does: True for the system CA store, or the path of a CA bundle.
+Wire format: ``docs/protocol.md``, whose Enrollment section covers ``POST /v1/enroll``. Every
+call takes the TLS setting ``verify`` as httpx does: True for the system CA store, or the path of
+a CA bundle.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ TIMEOUT = 15.0
 
 @dataclass(frozen=True)
 class Enrollment:
-    """The verifier's answer to an enrollment: the device record and, if it issued one, a
-    certificate. ``created`` is False when the key was enrolled before."""
+    """The verifier's enrollment response: the device record and a certificate, if it issued one.
+
+    ``created`` is False when the key was enrolled before.
+    """
 
     device: dict[str, Any]
     certificate_pem: str | None
@@ -99,13 +102,13 @@ def enroll(
         certificate = answer.get("certificate")
     except (ValueError, KeyError, TypeError) as exc:
         raise ProvisioningError(
-            f"the verifier at {url} sent an enrollment answer that is not the documented JSON "
+            f"the verifier at {url} sent an enrollment response that is not the documented JSON "
             f"object with a 'device' field: {response.text[:200]!r}",
             step="enroll",
         ) from exc
     if not isinstance(device, dict) or not isinstance(certificate, str | None):
         raise ProvisioningError(
-            f"the verifier at {url} sent a malformed enrollment answer", step="enroll"
+            f"the verifier at {url} sent a malformed enrollment response", step="enroll"
         )
     return Enrollment(
         device=device, certificate_pem=certificate, created=response.status_code == 201
@@ -113,7 +116,7 @@ def enroll(
 
 
 def device_is_enrolled(verifier_url: str, device_id: str, *, verify: bool | str = True) -> bool:
-    """Tell whether the verifier knows ``device_id`` as an active device.
+    """Return True when the verifier has ``device_id`` registered as an active device.
 
     The verifier has no lookup endpoint for devices, so this asks for a login challenge, which
     it issues only to active enrolled devices. The unused challenge expires on its own.
@@ -157,7 +160,7 @@ def login_once(key: PrivateKey, verifier_url: str, *, verify: bool | str = True)
 
     if response.status_code != 200:
         raise ProvisioningError(
-            f"test login to {verifier_url}: the access token was refused by {url} "
+            f"test login to {verifier_url}: the access token was rejected by {url} "
             f"(HTTP {response.status_code})",
             step="login",
         )
