@@ -212,6 +212,24 @@ class SQLiteChallengeStore:
         self._connections.close()
 
 
+# Deletes the unconsumed challenges of one device; a spent marker (empty value) stays so that a
+# replay is still reported as such. The challenge keys are derived inside the script, so this
+# needs all keys on one Redis node (no Redis Cluster).
+_PURGE_DEVICE_SCRIPT = """
+local purged = 0
+for _, nonce in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+    local key = ARGV[1] .. nonce
+    local value = redis.call('GET', key)
+    if value and value ~= '' then
+        redis.call('DEL', key)
+        purged = purged + 1
+    end
+end
+redis.call('DEL', KEYS[1])
+return purged
+"""
+
+
 class RedisChallengeStore:
     """Challenges as Redis keys with a TTL; verifier replicas on several hosts may share them.
 
@@ -267,16 +285,14 @@ class RedisChallengeStore:
         return self._redis.get(self._challenge_key(nonce)) == b""
 
     def purge_device(self, device_id: str) -> int:
-        device_key = self._device_key(device_id)
-        nonces: Any = self._redis.smembers(device_key)
-        purged = 0
-        for nonce in nonces:
-            key = self._challenge_key(nonce.decode("ascii"))
-            # Delete only unconsumed challenges; a spent marker must stay to report replays.
-            if self._redis.get(key):
-                purged += int(self._redis.delete(key))  # type: ignore[arg-type]
-        self._redis.delete(device_key)
-        return purged
+        # One script, so that a challenge consumed meanwhile keeps its spent marker.
+        purged: Any = self._redis.eval(
+            _PURGE_DEVICE_SCRIPT,
+            1,
+            self._device_key(device_id),
+            f"{self._prefix}challenge:",
+        )
+        return int(purged)
 
     def remember_jti(self, jti: str, expires_at: int) -> bool:
         created = self._redis.set(
