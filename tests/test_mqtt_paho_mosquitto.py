@@ -128,3 +128,29 @@ def test_network_failures_back_off_with_jitter(mosquitto: Mosquitto) -> None:
         assert attempt.delay == expected.uniform(0.0, ceiling)
         gap = attempts[number + 1].started - attempt.started
         assert gap >= attempt.delay
+
+
+def test_not_authorised_mints_once_more_then_backs_off(mosquitto: Mosquitto) -> None:
+    # Mosquitto with a password file refuses the device's assertion with CONNACK 5.
+    mosquitto.set_password_file({"someone-else": "secret"})
+    mosquitto.restart()
+    key = ec.generate_private_key(ec.SECP256R1())
+    client = DeviceMqttClient(
+        key, mosquitto.url, nonceless=True, backoff=Backoff(base=0.1, cap=0.4, rng=random.Random(4))
+    )
+    client.start()
+    try:
+        wait_for(lambda: len(client.attempts) >= 4, 10, "four refused attempts")
+    finally:
+        client.stop()
+
+    attempts = list(client.attempts)[:4]
+    expected = random.Random(4)
+    assert [a.outcome for a in attempts] == [Outcome.NOT_AUTHORISED] * 4
+    assert [a.detail for a in attempts] == ["CONNACK 135 (Not authorized)"] * 4
+    assert attempts[0].delay == 0.0
+    assert attempts[1].delay == expected.uniform(0.0, 0.1)
+    assert attempts[2].delay == expected.uniform(0.0, 0.2)
+    assert attempts[3].delay == expected.uniform(0.0, 0.4)
+    # Every attempt carried its own assertion.
+    assert len({a.jti for a in attempts}) == 4
