@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from device_sdk.cli.provision import _Progress
 from device_sdk.errors import ConfigError, LockHeldError, PinIncorrectError, ProvisioningError
 from device_sdk.provisioning.batch import (
     ManifestRow,
     RowOutcome,
+    RowResult,
     parse_manifest,
     run_batch,
     write_report,
@@ -259,3 +262,40 @@ def test_lock_holder_timing_is_immediate(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _result(row: int, status: str, error: str | None = None) -> RowResult:
+    return RowResult(
+        row=row, line=row + 1, key=f"edge-{row}", config="c", status=status, error=error
+    )
+
+
+def test_progress_bar_on_terminal() -> None:
+    stream = _Terminal()
+    progress = _Progress(stream)
+
+    progress(1, 2, _result(1, "provisioned"))
+    progress(2, 2, _result(2, "failed", "key: token 'edge-2' not found"))
+
+    text = stream.getvalue()
+    assert text.startswith("\r[" + "#" * 15 + "-" * 15 + "] 1/2  ok 1  skipped 0  failed 0")
+    assert "\r[" + "#" * 30 + "] 2/2  ok 1  skipped 0  failed 1" in text
+    assert "\n  row 2 (edge-2): key: token 'edge-2' not found\n" in text
+    assert text.endswith("\n")
+
+
+def test_progress_lines_without_terminal() -> None:
+    stream = io.StringIO()
+    progress = _Progress(stream)
+
+    progress(1, 2, _result(1, "skipped"))
+    progress(2, 2, _result(2, "failed", "boom"))
+
+    assert stream.getvalue() == (
+        "row 1/2 edge-1: skipped (0.00 s)\nrow 2/2 edge-2: failed: boom (0.00 s)\n"
+    )
