@@ -293,6 +293,7 @@ def create_app(
                 detail=exc.detail,
             )
             return unauthorized(challenge_header)
+        log_decision("access_token_use", "accept", device_id=claims["sub"], client_address=address)
         return JSONResponse({"device_id": claims["sub"], "expires_at": claims["exp"]})
 
     register_broker_webhooks(app, verifier, call, rabbitmq_vhost, rabbitmq_exchange)
@@ -311,6 +312,9 @@ def register_broker_webhooks(
     The CONNECT username is the device id and the password a fresh assertion whose ``aud`` is one
     of the verifier's broker audiences. After the login, RabbitMQ checks the virtual host,
     resources and topics, which are allowed for any active device.
+
+    NOTE: the webhooks take no credentials of their own, so anyone who can reach them can learn
+    whether a device id is active. Expose them only to the broker (loopback or a private network).
     """
 
     def allow(allowed: bool) -> PlainTextResponse:
