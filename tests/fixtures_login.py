@@ -1,7 +1,13 @@
-"""Fixtures for the device login tests: a served verifier, enrolled SoftHSM devices, RabbitMQ.
+"""Fixtures for the device login tests: a served verifier, SoftHSM devices, RabbitMQ, amqtt.
 
 The verifier runs as ``device-sdk verifier serve`` under uvicorn in its own process, on a SQLite
 database that the test process also opens to enroll devices (SQLite serialises the writers).
+
+- ``https_verifier``: a :class:`VerifierServer` over TLS with the test PKI's server certificate
+- ``device_key``: a fresh P-256 key on the SoftHSM token; ``software_key``: a software key
+- ``rabbit_stack`` (module): RabbitMQ whose MQTT logins go to a plain-HTTP verifier
+- ``amqtt_stack``: an HTTPS verifier and an embedded amqtt broker over TLS on the same database
+- :class:`InterceptingProxy`: a TLS-terminating proxy with a certificate of its own
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import ssl
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +36,8 @@ from fixtures_services import (
 from fixtures_verifier import make_csr, make_key
 
 from device_sdk.auth import device_id_of
-from device_sdk.verifier import Verifier, VerifierConfig
+from device_sdk.verifier import Verifier, VerifierConfig, channel_bindings_from_pem
+from device_sdk.verifier.amqtt_plugin import broker_config
 
 RABBITMQ_WEBHOOK_PATH = "/v1/broker/auth/rabbitmq"
 
@@ -233,3 +241,75 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     finally:
         with suppress(OSError):
             writer.close()
+
+
+class TLSBroker:
+    """An amqtt broker with a TLS listener, on its own event loop in a background thread."""
+
+    def __init__(self, verifier: Verifier, port: int, certificate_path: Path, key_path: Path):
+        from amqtt.broker import Broker
+
+        settings = broker_config(verifier, host=HOST, port=port)
+        settings["listeners"]["default"].update(
+            {"ssl": True, "certfile": str(certificate_path), "keyfile": str(key_path)}
+        )
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def create() -> Any:
+            # amqtt binds the broker to the running loop, so it is created on that loop.
+            return Broker(settings)
+
+        self.broker = self.run(create())
+        self.run(self.broker.start())
+
+    def run(self, coroutine: Any) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        return future.result(timeout=30)
+
+    def stop(self) -> None:
+        self.run(self.broker.shutdown())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@dataclass
+class AmqttStack:
+    verifier: VerifierServer
+    broker_url: str
+    port: int
+    pki: TestPKI
+
+    def tls_context(self) -> ssl.SSLContext:
+        return self.pki.client_ssl_context()
+
+
+@pytest.fixture
+def amqtt_stack(
+    uvicorn_factory: UvicornFactory, test_pki: TestPKI, tmp_path: Path
+) -> Iterator[AmqttStack]:
+    port = free_port()
+    broker_url = f"mqtts://{HOST}:{port}"
+    server_cert = str(test_pki.server.cert_path)
+    verifier = serve_verifier(
+        uvicorn_factory, tmp_path, tls=test_pki.server, ca_path=test_pki.ca.cert_path,
+        broker_audiences=(broker_url,),
+        extra_args=("--broker-cert", broker_url, server_cert),
+    )
+    config = VerifierConfig(
+        issuer=verifier.issuer,
+        http_channel_bindings=channel_bindings_from_pem(server_cert),
+        broker_audiences={broker_url: channel_bindings_from_pem(server_cert)},
+        challenge_limit_per_device=None,
+        challenge_limit_per_address=None,
+        failure_limit_per_device=None,
+    )
+    in_process = Verifier.open(verifier.db_path, config)
+    broker = TLSBroker(in_process, port, test_pki.server.cert_path, test_pki.server.key_path)
+    try:
+        yield AmqttStack(verifier, broker_url, port, test_pki)
+    finally:
+        broker.stop()
+        in_process.close()

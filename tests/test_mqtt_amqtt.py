@@ -7,23 +7,17 @@ spent once by the broker. The broker listens with TLS, so every assertion carrie
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import ssl
-import threading
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import Future
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
 import paho.mqtt.client as mqtt
 import pytest
-from fixtures_login import VerifierServer, serve_verifier
-from fixtures_services import HOST, TestPKI, UvicornFactory, free_port
+from fixtures_login import AmqttStack
+from fixtures_services import HOST
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_sdk.auth import (
@@ -35,85 +29,11 @@ from device_sdk.auth import (
 from device_sdk.auth.assertion import new_jti, sign_assertion
 from device_sdk.auth.challenge import Challenge
 from device_sdk.mqtt import Backoff, DeviceMqttClient, Outcome
-from device_sdk.verifier import Verifier, VerifierConfig, channel_bindings_from_pem
-from device_sdk.verifier.amqtt_plugin import broker_config
 
 pytestmark = pytest.mark.slow
 
 # amqtt answers a refused login with MQTT 3.1.1 CONNACK 5, which paho 2 reports as 135.
 NOT_AUTHORIZED = 135
-
-
-class TLSBroker:
-    """An amqtt broker with a TLS listener, on its own event loop in a background thread."""
-
-    def __init__(self, verifier: Verifier, port: int, certificate_path: Path, key_path: Path):
-        from amqtt.broker import Broker
-
-        settings = broker_config(verifier, host=HOST, port=port)
-        settings["listeners"]["default"].update(
-            {"ssl": True, "certfile": str(certificate_path), "keyfile": str(key_path)}
-        )
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-        async def create() -> Any:
-            # amqtt binds the broker to the running loop, so it is created on that loop.
-            return Broker(settings)
-
-        self.broker = self.run(create())
-        self.run(self.broker.start())
-
-    def run(self, coroutine: Any) -> Any:
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        return future.result(timeout=30)
-
-    def stop(self) -> None:
-        self.run(self.broker.shutdown())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
-
-
-@dataclass
-class AmqttStack:
-    verifier: VerifierServer
-    broker_url: str
-    port: int
-    pki: TestPKI
-
-    def tls_context(self) -> ssl.SSLContext:
-        return self.pki.client_ssl_context()
-
-
-@pytest.fixture
-def amqtt_stack(
-    uvicorn_factory: UvicornFactory, test_pki: TestPKI, tmp_path: Path
-) -> Iterator[AmqttStack]:
-    port = free_port()
-    broker_url = f"mqtts://{HOST}:{port}"
-    server_cert = str(test_pki.server.cert_path)
-    verifier = serve_verifier(
-        uvicorn_factory, tmp_path, tls=test_pki.server, ca_path=test_pki.ca.cert_path,
-        broker_audiences=(broker_url,),
-        extra_args=("--broker-cert", broker_url, server_cert),
-    )
-    config = VerifierConfig(
-        issuer=verifier.issuer,
-        http_channel_bindings=channel_bindings_from_pem(server_cert),
-        broker_audiences={broker_url: channel_bindings_from_pem(server_cert)},
-        challenge_limit_per_device=None,
-        challenge_limit_per_address=None,
-        failure_limit_per_device=None,
-    )
-    in_process = Verifier.open(verifier.db_path, config)
-    broker = TLSBroker(in_process, port, test_pki.server.cert_path, test_pki.server.key_path)
-    try:
-        yield AmqttStack(verifier, broker_url, port, test_pki)
-    finally:
-        broker.stop()
-        in_process.close()
 
 
 def fetch_challenge(stack: AmqttStack, key: Any) -> Challenge:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import ssl
 import time
@@ -61,8 +62,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _open_key(config: DeviceConfig) -> Any:
     from device_sdk.keys import open_key
+    from device_sdk.keys.uri import Pkcs11URI, parse_key_uri
 
-    key = open_key(config.key_uri)
+    uri = config.key_uri
+    parsed = parse_key_uri(uri)
+    # The config may name the PIN file beside the URI instead of inside it.
+    if isinstance(parsed, Pkcs11URI) and parsed.pin_source is None and config.pin_source:
+        uri = str(dataclasses.replace(parsed, pin_source=config.pin_source))
+    key = open_key(uri)
     if key.device_id != config.device_id:
         raise ConfigError(
             f"the key at {key.uri} has device id {key.device_id}, but the config says "
