@@ -12,7 +12,7 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from fixtures_verifier import (
     BROKER_CB,
@@ -28,6 +28,7 @@ from fixtures_verifier import (
     encode_jws,
     enroll,
     http_assertion,
+    make_csr,
     make_key,
 )
 
@@ -485,6 +486,15 @@ def test_other_algorithms_accepted(verifier: Verifier, algorithm: str) -> None:
     device = enroll(verifier, algorithm)
     verified = verifier.verify_assertion(http_assertion(verifier, device), audience_kind="http")
     assert verified.algorithm == algorithm
+
+
+def test_rsa_3072_accepted(verifier: Verifier) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    record, _ = verifier.enroll(make_csr(key), verifier.create_enrollment_tokens()[0], "sw", False)
+    device = Device(key, record.device_id, record.algorithm)
+    token = http_assertion(verifier, device)
+    assert len(split(token)[2]) == 384
+    assert verifier.verify_assertion(token, audience_kind="http").algorithm == "PS256"
 
 
 @pytest.mark.parametrize("algorithm", ["ES384", "EdDSA", "PS256"])

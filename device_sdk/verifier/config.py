@@ -79,6 +79,8 @@ class VerifierConfig:
     max_assertion_bytes: int = MAX_ASSERTION_BYTES
     challenge_limit_per_device: RateLimit | None = RateLimit(capacity=10, per_second=1 / 6)
     challenge_limit_per_address: RateLimit | None = RateLimit(capacity=60, per_second=1.0)
+    # NOTE: anyone who knows a device id can spend this budget with forged assertions and so
+    # delay that device's logins until it refills; a larger budget shortens the delay.
     failure_limit_per_device: RateLimit | None = RateLimit(capacity=10, per_second=1 / 30)
     nonceless_audiences: frozenset[str] = frozenset()
 
