@@ -206,7 +206,9 @@ class Atecc608:
             # NOTE: assumed: an empty or invalid private key slot fails with an execution error.
             # A factory-fresh slot may instead hold a value that yields some public key.
             if exc.detail == 0x0F:
-                raise SecureElementError(protocol.SLOT_EMPTY, "slot %d holds no key" % slot) from exc
+                raise SecureElementError(
+                    protocol.SLOT_EMPTY, "slot %d holds no key" % slot
+                ) from exc
             raise
         return self._check_key(key)
 

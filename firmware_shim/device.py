@@ -155,9 +155,7 @@ class Device:
                 protocol.SLOT_LOCKED, "slot %d is locked against new keys" % slot
             )
         if not flags & protocol.GENERATE_REPLACE and self._has_key(slot):
-            raise SecureElementError(
-                protocol.SLOT_OCCUPIED, "slot %d already holds a key" % slot
-            )
+            raise SecureElementError(protocol.SLOT_OCCUPIED, "slot %d already holds a key" % slot)
         return element.generate(slot)
 
     def _has_key(self, slot: int) -> bool:

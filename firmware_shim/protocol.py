@@ -130,7 +130,7 @@ def _make_crc_table() -> list[int]:
 _CRC_TABLE = _make_crc_table()
 
 
-def crc16(data: bytes) -> int:
+def crc16(data: bytes | bytearray) -> int:
     """Compute CRC-16/CCITT-FALSE; the check value of b"123456789" is 0x29B1."""
     crc = 0xFFFF
     table = _CRC_TABLE
@@ -258,7 +258,9 @@ def decode_body(encoded: bytes) -> Frame:
     size = len(encoded)
     if size > MAX_ENCODED:
         raise FrameError(
-            FRAME_TOO_LONG, "frame of %d bytes exceeds the maximum %d" % (size, MAX_ENCODED), size=size
+            FRAME_TOO_LONG,
+            "frame of %d bytes exceeds the maximum %d" % (size, MAX_ENCODED),
+            size=size,
         )
     try:
         body = cobs_decode(encoded)
@@ -277,7 +279,9 @@ def decode_body(encoded: bytes) -> Frame:
     received = int.from_bytes(body[-CRC_SIZE:], "big")
     if expected != received:
         raise FrameError(
-            BAD_CRC, "CRC 0x%04X does not match the computed 0x%04X" % (received, expected), size=size
+            BAD_CRC,
+            "CRC 0x%04X does not match the computed 0x%04X" % (received, expected),
+            size=size,
         )
 
     version, seq, kind, status = body[0], body[1], body[2], body[3]

@@ -85,7 +85,9 @@ class FaultInjectingDevice(Device):
                 return protocol.encode_frame(frame.seq, kind, protocol.BAD_ARGUMENT, message)
             self._next_fault = frame.payload[0]
             logger.warning("fault injection: the next reply is a %s", FAULT_NAMES[self._next_fault])
-            return protocol.encode_frame(frame.seq, frame.kind | protocol.REPLY_BIT, protocol.OK, b"")
+            return protocol.encode_frame(
+                frame.seq, frame.kind | protocol.REPLY_BIT, protocol.OK, b""
+            )
 
         reply = super().dispatch(frame)
         fault, self._next_fault = self._next_fault, 0

@@ -25,7 +25,7 @@ def open_key(uri: str, **options: Any) -> HardwareKey:
 
         return tpm.open_key(uri, **options)  # type: ignore[no-any-return]
     if scheme == "serial":
-        from device_sdk.keys import serial
+        import device_sdk.keys.serial as serial
 
         return serial.open_key(uri, **options)  # type: ignore[no-any-return]
     raise URIError(
