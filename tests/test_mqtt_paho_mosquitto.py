@@ -154,3 +154,38 @@ def test_not_authorised_mints_once_more_then_backs_off(mosquitto: Mosquitto) -> 
     assert attempts[3].delay == expected.uniform(0.0, 0.4)
     # Every attempt carried its own assertion.
     assert len({a.jti for a in attempts}) == 4
+
+
+def test_callback_error_reconnects_instead_of_dying(
+    mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    client = DeviceMqttClient(
+        key, mosquitto.url, nonceless=True, backoff=Backoff(base=0.1, cap=0.2)
+    )
+    received: set[bytes] = set()
+    failures = []
+
+    def on_message(_client: object, _userdata: object, message: object) -> None:
+        payload = message.payload  # type: ignore[attr-defined]
+        if payload == b"boom" and not failures:
+            failures.append(payload)
+            raise RuntimeError("handler failed")
+        received.add(payload)
+
+    client.paho.on_message = on_message
+    client.on_connect = lambda device, _present: device.paho.subscribe("devices/boom", qos=1)
+    client.start()
+    try:
+        assert client.wait_connected(10)
+        client.paho.publish("devices/boom", b"boom", qos=1)
+        wait_for(lambda: len(connected_attempts(client)) >= 2, 10, "a reconnect")
+        wait_for(lambda: client.connected, 5, "the client to be connected")
+        client.paho.publish("devices/boom", b"after", qos=1)
+        wait_for(lambda: b"after" in received, 10, "the second message")
+    finally:
+        client.stop()
+
+    # The broker redelivers the unacknowledged QoS 1 message to the kept session.
+    assert received == {b"boom", b"after"}
+    assert "error in the MQTT network loop; reconnecting" in caplog.text

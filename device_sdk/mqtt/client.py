@@ -323,11 +323,20 @@ class DeviceMqttClient:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            attempt = self._attempt(serve=True)
+            try:
+                attempt = self._attempt(serve=True)
+            except Exception:  # noqa: BLE001
+                # paho re-raises what a user callback (on_message, ...) raises from inside its
+                # network loop. Log it and reconnect instead of letting the thread die silently.
+                logger.exception(
+                    "device %s: error in the MQTT network loop; reconnecting", self.device_id
+                )
+                self._connected.clear()
+                self._stop.wait(self.backoff.next_delay())
+                continue
             if attempt.outcome == Outcome.STOPPED or self.error is not None:
                 break
-            if not self._stop.wait(attempt.delay or 0.0):
-                continue
+            self._stop.wait(attempt.delay or 0.0)
         self._connected.clear()
 
     def _next_delay(self, outcome: str, retry_after: float | None) -> float:
