@@ -18,6 +18,19 @@ APT_PACKAGES=(
     rabbitmq-server
     mosquitto
     postgresql
+    # TPM 2.0: the simulator, tools, resource manager, OpenSSL provider and PKCS#11 module.
+    swtpm
+    swtpm-tools
+    tpm2-tools
+    tpm2-abrmd
+    tpm2-openssl
+    libtpm2-pkcs11-1
+    dbus
+    # tpm2-pytss (the tpm extra) has no wheels and builds against these.
+    libtss2-dev
+    gcc
+    pkg-config
+    python3-dev
 )
 VENV=${VENV:-.venv}
 

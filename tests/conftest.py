@@ -18,6 +18,7 @@ pytest_plugins = [
     "fixtures_softhsm",
     "fixtures_provision",
     "fixtures_login",
+    "fixtures_tpm",
 ]
 
 REQUIRE_SERVICES = os.environ.get("DEVICE_SDK_REQUIRE_SERVICES") == "1"

@@ -1,0 +1,157 @@
+"""TPM fixtures: swtpm, the TPM 2.0 simulator, on free loopback ports with temporary state.
+
+``swtpm`` is one simulator for the whole session; tests keep apart by using their own persistent
+handles or blob paths. ``swtpm_factory`` starts a fresh simulator for a test that changes TPM-wide
+state (dictionary-attack lockout, owner authorization). Each simulator is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+APT_INSTALL = "apt install swtpm swtpm-tools tpm2-tools libtss2-dev"
+SWTPM_MISSING = f"swtpm (the TPM 2.0 simulator) is not installed; install it with: {APT_INSTALL}"
+PYTSS_MISSING = (
+    "tpm2-pytss is not installed; install it with: apt install libtss2-dev && "
+    "pip install 'device-sdk[tpm]'"
+)
+START_TIMEOUT = 10.0  # seconds for swtpm to accept connections
+
+_handles = itertools.count(0x81000100)
+
+
+def require_tpm_stack() -> None:
+    """Skip the test unless swtpm and tpm2-pytss are installed."""
+    if shutil.which("swtpm") is None:
+        pytest.skip(SWTPM_MISSING)
+    try:
+        import tpm2_pytss  # noqa: F401
+    except ImportError:
+        pytest.skip(PYTSS_MISSING)
+
+
+def _free_port_pair() -> int:
+    """Return a port P where P and P+1 were both free on 127.0.0.1 (swtpm's server and control)."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return int(port)
+    raise RuntimeError("no two adjacent free TCP ports on 127.0.0.1 after 50 tries")
+
+
+@dataclass
+class Swtpm:
+    """A running swtpm: its TCTI string, state directory and process."""
+
+    port: int
+    state_dir: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:host=127.0.0.1,port={self.port}"
+
+    def handle_uri(self, handle: int | None = None) -> str:
+        """A ``tpm2:handle=`` URI on this simulator; a fresh handle unless one is given."""
+        value = next(_handles) if handle is None else handle
+        return f"tpm2:handle=0x{value:08x}?tcti={self.tcti}"
+
+    def path_uri(self, path: Path) -> str:
+        """A ``tpm2:path=`` URI for a key blob at ``path`` on this simulator."""
+        return f"tpm2:path={path}?tcti={self.tcti}"
+
+    def environment(self) -> dict[str, str]:
+        """Environment for a subprocess (tpm2-tools, another Python) that uses this simulator."""
+        env = dict(os.environ)
+        env["TPM2TOOLS_TCTI"] = self.tcti
+        return env
+
+    def stop(self) -> None:
+        from device_sdk.keys.tpm_connection import close_connections
+
+        # Connections to a stopped simulator would fail on their next use.
+        close_connections()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+def start_swtpm(state_dir: Path) -> Swtpm:
+    """Start swtpm on free loopback ports with its state in ``state_dir``; wait until it answers."""
+    require_tpm_stack()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_port_pair()
+    log_path = state_dir / "swtpm.log"
+    command = [
+        "swtpm", "socket", "--tpm2",
+        "--server", f"type=tcp,bindaddr=127.0.0.1,port={port}",
+        "--ctrl", f"type=tcp,bindaddr=127.0.0.1,port={port + 1}",
+        "--flags", "not-need-init,startup-clear",
+        "--tpmstate", f"dir={state_dir}",
+        "--log", f"file={log_path}",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+    swtpm = Swtpm(port, state_dir, process, log_path)
+
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if process.poll() is not None:
+            log = log_path.read_text(errors="replace") if log_path.exists() else ""
+            raise RuntimeError(f"swtpm exited with status {process.returncode}: {log[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                swtpm.stop()
+                raise RuntimeError(
+                    f"swtpm did not accept connections on port {port} within {START_TIMEOUT} s"
+                ) from None
+            time.sleep(0.02)
+    return swtpm
+
+
+@pytest.fixture(scope="session")
+def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
+    """One swtpm for the session; use fresh handles (``handle_uri()``) or blob paths per test."""
+    instance = start_swtpm(tmp_path_factory.mktemp("swtpm"))
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
+def swtpm_factory(tmp_path: Path) -> Iterator[Callable[[], Swtpm]]:
+    """A factory of fresh simulators, each stopped at the end of the test."""
+    started: list[Swtpm] = []
+
+    def make() -> Swtpm:
+        instance = start_swtpm(tmp_path / f"swtpm-{len(started)}")
+        started.append(instance)
+        return instance
+
+    yield make
+    for instance in started:
+        instance.stop()
