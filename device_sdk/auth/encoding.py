@@ -86,7 +86,15 @@ def loads_json_object(data: bytes | str) -> dict[str, Any]:
         except UnicodeDecodeError:
             raise ProtocolError("invalid JSON: not UTF-8") from None
     try:
-        value = _STRICT_DECODER.decode(data)
+        # Fast path for the usual compact JSON: scan one value and require it to fill the text.
+        # Surrounding whitespace, trailing data and syntax errors go through the full decoder,
+        # which accepts the first and reports the others with their position.
+        try:
+            value, end = _STRICT_DECODER.scan_once(data, 0)
+        except StopIteration:
+            end = -1
+        if end != len(data):
+            value = _STRICT_DECODER.decode(data)
     except (ValueError, RecursionError) as exc:
         if isinstance(exc, ProtocolError):
             raise
