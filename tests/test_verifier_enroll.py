@@ -413,3 +413,41 @@ def test_algorithm_allow_list_applies(tmp_path: Path, clock: ManualClock) -> Non
     token = verifier.create_enrollment_tokens()[0]
     reason = reason_of(verifier.enroll, make_csr(make_key("EdDSA")), token, "software", False)
     assert reason == "unsupported_algorithm"
+
+
+def test_channel_bindings_from_pem(tmp_path: Path) -> None:
+    import datetime
+
+    from device_sdk.auth import tls_server_end_point
+    from device_sdk.verifier import channel_bindings_from_pem
+
+    def self_signed(common_name: str) -> x509.Certificate:
+        key = ec.generate_private_key(ec.SECP384R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(1)
+            .not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA384())
+        )
+
+    leaf, chain, rotated = self_signed("leaf"), self_signed("ca"), self_signed("next")
+    current = tmp_path / "current.pem"
+    current.write_bytes(
+        leaf.public_bytes(serialization.Encoding.PEM)
+        + chain.public_bytes(serialization.Encoding.PEM)
+    )
+    following = tmp_path / "next.pem"
+    following.write_bytes(rotated.public_bytes(serialization.Encoding.PEM))
+
+    assert channel_bindings_from_pem(current, following) == {
+        tls_server_end_point(leaf.public_bytes(serialization.Encoding.DER)),
+        tls_server_end_point(rotated.public_bytes(serialization.Encoding.DER)),
+    }
+    with pytest.raises(ConfigError, match="cannot read a PEM certificate"):
+        channel_bindings_from_pem(tmp_path / "missing.pem")
