@@ -144,7 +144,8 @@ def cobs_encode(data: bytes) -> bytes:
     out = bytearray(1)
     code_index = 0
     code = 1
-    for byte in data:
+    last = len(data) - 1
+    for index, byte in enumerate(data):
         if byte == 0:
             out[code_index] = code
             code_index = len(out)
@@ -153,7 +154,9 @@ def cobs_encode(data: bytes) -> bytes:
             continue
         out.append(byte)
         code += 1
-        if code == 0xFF:
+        # A full block of 254 data bytes ends without a zero; a new block starts only if more
+        # data follows, so the encoding is the canonical one.
+        if code == 0xFF and index < last:
             out[code_index] = code
             code_index = len(out)
             out.append(0)

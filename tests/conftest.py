@@ -19,6 +19,7 @@ pytest_plugins = [
     "fixtures_provision",
     "fixtures_login",
     "fixtures_tpm",
+    "fixtures_serial",
 ]
 
 REQUIRE_SERVICES = os.environ.get("DEVICE_SDK_REQUIRE_SERVICES") == "1"

@@ -101,9 +101,10 @@ def close_links() -> None:
 class SerialSigner:
     """Signs digests with the key in one slot of a serial secure element."""
 
-    def __init__(self, link: SerialLink, slot: int) -> None:
+    def __init__(self, link: SerialLink, slot: int, public_point: bytes) -> None:
         self.link = link
         self.slot = slot
+        self.public_point = public_point
         self.location = f"the serial secure element at {link.device} (slot {slot})"
 
     def sign_ecdsa_digest(self, digest: bytes) -> bytes:
@@ -113,7 +114,11 @@ class SerialSigner:
                 "use ec.ECDSA(hashes.SHA256())"
             )
         try:
-            signature = self.link.request(protocol.SIGN_DIGEST, bytes((self.slot,)) + digest)
+            signature = self.link.request(
+                protocol.SIGN_DIGEST,
+                bytes((self.slot,)) + digest,
+                expected_key=(self.slot, self.public_point),
+            )
         except SerialDeviceError as exc:
             _raise_slot_error(exc, self.link, self.slot)
         if len(signature) != 64:
@@ -150,6 +155,7 @@ class SerialECKey(HardwareECKey):
         )
         self.link = signer.link
         self.slot = signer.slot
+        self._expected_key = (signer.slot, signer.public_point)
 
     def counter(self, *, increment: bool = True, counter_id: int = 0) -> int:
         """Return the element's monotonic counter, incremented first unless ``increment`` is False.
@@ -162,7 +168,10 @@ class SerialECKey(HardwareECKey):
             raise ConfigError(f"invalid counter_id {counter_id}: the element has counters 0 and 1")
         mode = protocol.COUNTER_INCREMENT if increment else protocol.COUNTER_READ
         reply = self.link.request(
-            protocol.COUNTER, bytes((counter_id, mode)), repeatable=not increment
+            protocol.COUNTER,
+            bytes((counter_id, mode)),
+            repeatable=not increment,
+            expected_key=self._expected_key,
         )
         if len(reply) != 4:
             raise SerialLinkError(
@@ -180,7 +189,12 @@ class SerialECKey(HardwareECKey):
 
         Locking cannot be undone, on an ATECC608 or in the simulator.
         """
-        reply = self.link.request(protocol.LOCK_SLOT, bytes((self.slot,)), repeatable=False)
+        reply = self.link.request(
+            protocol.LOCK_SLOT,
+            bytes((self.slot,)),
+            repeatable=False,
+            expected_key=self._expected_key,
+        )
         locked_now = reply[:1] == b"\x01"
         logger.info(
             "slot %d of %s %s",
@@ -234,8 +248,8 @@ def _public_key(point: bytes, link: SerialLink, slot: int) -> ec.EllipticCurvePu
 
 def _open(parsed: SerialURI, point: bytes, link: SerialLink) -> SerialECKey:
     public_key = _public_key(point, link, parsed.slot)
-    link.expect_key(parsed.slot, point)
-    return SerialECKey(SerialSigner(link, parsed.slot), public_key, uri=str(parsed))
+    link.key_seen(parsed.slot, point)
+    return SerialECKey(SerialSigner(link, parsed.slot, point), public_key, uri=str(parsed))
 
 
 def open_key(

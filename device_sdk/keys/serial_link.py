@@ -13,10 +13,10 @@ Readiness: after opening, the link sends HELLO until the device answers or ``con
 passes, instead of waiting for a greeting that a running board would never send.
 
 Reconnect: an I/O error on the port (the device unplugged, the simulator restarted) closes it.
-The next command opens the path again, which may be a symbolic link that now points elsewhere,
-and checks that every key slot in use still holds the same public key. A command that changes
-state (GENERATE_KEY, LOCK_SLOT, a counter increment) is not repeated after a lost link, because
-it may already have run.
+The next command opens the path again, which may be a symbolic link that now points elsewhere.
+A signing key's commands first check that its slot still holds the same public key. A command
+that changes state (GENERATE_KEY, LOCK_SLOT, a counter increment) is not repeated after the link
+was lost while waiting for its reply, because it may already have run.
 """
 
 from __future__ import annotations
@@ -106,7 +106,15 @@ class DeviceInfo:
 
 
 class _Disconnected(Exception):
-    """The port failed with an I/O error: the device is gone, at least for now."""
+    """The port failed with an I/O error: the device is gone, at least for now.
+
+    ``sent`` is False when the failure came before the whole request was written, so the device
+    cannot have run it.
+    """
+
+    def __init__(self, message: str, *, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 def open_pyserial(device: str, baud: int, write_timeout: float) -> Port:
@@ -157,7 +165,7 @@ class SerialLink:
         self._reader = protocol.FrameReader()
         self._seq = 0
         self._info: DeviceInfo | None = None
-        self._expected_keys: dict[int, bytes] = {}
+        self._seen_keys: dict[int, tuple[bytes, int]] = {}
         self.connections = 0
 
     @property
@@ -168,14 +176,10 @@ class SerialLink:
             assert self._info is not None
             return self._info
 
-    def expect_key(self, slot: int, public_key: bytes) -> None:
-        """Check after every reconnect that ``slot`` still holds ``public_key`` (X || Y)."""
+    def key_seen(self, slot: int, public_key: bytes) -> None:
+        """Record that ``slot`` holds ``public_key`` (X || Y) on the current connection."""
         with self._lock:
-            self._expected_keys[slot] = public_key
-
-    def forget_key(self, slot: int) -> None:
-        with self._lock:
-            self._expected_keys.pop(slot, None)
+            self._seen_keys[slot] = (public_key, self.connections)
 
     def request(
         self,
@@ -184,20 +188,24 @@ class SerialLink:
         *,
         timeout: float | None = None,
         repeatable: bool = True,
+        expected_key: tuple[int, bytes] | None = None,
     ) -> bytes:
         """Send one command and return the payload of its OK reply.
 
         Raises SerialDeviceError for an error status, SerialTimeoutError when no valid reply
         arrives in ``timeout`` seconds, and SerialLinkError when the link is lost. After a lost
-        link a ``repeatable`` command is sent once more on the reopened port.
+        link a ``repeatable`` command, or one that was not completely written, is sent once more
+        on the reopened port. With ``expected_key`` (slot, X || Y), the command is sent only
+        while that slot holds that key, checked again after every reconnect.
         """
         with self._lock:
             self._ensure_open()
             try:
+                self._check_key(expected_key)
                 return self._exchange(command, payload, timeout or self.timeout)
             except _Disconnected as exc:
                 self._close_port()
-                if not repeatable:
+                if exc.sent and not repeatable:
                     raise SerialLinkError(
                         f"lost the link to {self.device} during {protocol.command_name(command)} "
                         f"({exc}); the command may have run. The next command reconnects"
@@ -210,6 +218,7 @@ class SerialLink:
                 )
             self._ensure_open()
             try:
+                self._check_key(expected_key)
                 return self._exchange(command, payload, timeout or self.timeout)
             except _Disconnected as exc:
                 self._close_port()
@@ -230,7 +239,7 @@ class SerialLink:
             port = self._ensure_open()
             try:
                 port.write(data)
-            except (OSError, _serial_exception()) as exc:
+            except _port_errors() as exc:
                 self._close_port()
                 raise SerialLinkError(f"writing to {self.device} failed: {exc}") from exc
 
@@ -264,7 +273,6 @@ class SerialLink:
         self._reader.reset()
         try:
             self._info = self._probe(deadline)
-            self._check_keys()
         except _Disconnected as exc:
             self._close_port()
             raise SerialLinkError(
@@ -289,7 +297,7 @@ class SerialLink:
         while True:
             try:
                 return self._port_factory()
-            except (OSError, _serial_exception()) as exc:
+            except _port_errors() as exc:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise SerialLinkError(
@@ -323,15 +331,27 @@ class SerialLink:
                 ) from exc
             return DeviceInfo.parse(payload, self.device)
 
-    def _check_keys(self) -> None:
-        for slot, expected in self._expected_keys.items():
+    def _check_key(self, expected_key: tuple[int, bytes] | None) -> None:
+        """Check, once per connection, that a slot still holds the key that was opened."""
+        if expected_key is None:
+            return
+        slot, expected = expected_key
+        if self._seen_keys.get(slot) == (expected, self.connections):
+            return
+        try:
             reply = self._exchange(protocol.GET_PUBLIC_KEY, bytes((slot,)), self.timeout)
-            if reply[1:] != expected:
-                raise SerialLinkError(
-                    f"slot {slot} of the device at {self.device} holds a different key than "
-                    "before the link was lost: another device may be on that port. Open the key "
-                    "again to use the new one"
-                )
+            current = reply[1:]
+        except SerialDeviceError as exc:
+            if exc.status != protocol.SLOT_EMPTY:
+                raise
+            current = b""
+        if current != expected:
+            raise SerialLinkError(
+                f"slot {slot} of the device at {self.device} holds a different key than "
+                f"when it was opened ({'now empty' if not current else 'another public key'}): "
+                "another device may be on that port. Open the key again to use what it holds"
+            )
+        self._seen_keys[slot] = (expected, self.connections)
 
     def _close_port(self) -> None:
         port, self._port = self._port, None
@@ -339,15 +359,15 @@ class SerialLink:
         if port is not None:
             try:
                 port.close()
-            except (OSError, _serial_exception()) as exc:
+            except _port_errors() as exc:
                 logger.debug("closing %s failed: %s", self.device, exc)
 
     def _read(self, port: Port, remaining: float) -> bytes:
         try:
             port.timeout = remaining
             return port.read(max(1, port.in_waiting))
-        except (OSError, _serial_exception()) as exc:
-            raise _Disconnected(str(exc)) from exc
+        except _port_errors() as exc:
+            raise _Disconnected(str(exc), sent=True) from exc
 
     def _exchange(self, command: int, payload: bytes, timeout: float) -> bytes:
         """Send one request and wait for its reply; the lock is held and the port open."""
@@ -362,8 +382,8 @@ class SerialLink:
             port.reset_input_buffer()
             self._reader.reset()
             port.write(wire)
-        except (OSError, _serial_exception()) as exc:
-            raise _Disconnected(str(exc)) from exc
+        except _port_errors() as exc:
+            raise _Disconnected(str(exc), sent=False) from exc
 
         deadline = time.monotonic() + timeout
         received = 0
@@ -462,9 +482,10 @@ def _monotonic_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
 
-def _serial_exception() -> type[Exception]:
+def _port_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean the port failed: pyserial's, and termios.error, which is no OSError."""
     try:
         import serial
     except ModuleNotFoundError:
-        return OSError
-    return serial.SerialException  # type: ignore[no-any-return]
+        return (OSError, termios.error)
+    return (OSError, termios.error, serial.SerialException)
