@@ -511,3 +511,14 @@ def test_lockout_from_wrong_authorizations(swtpm_factory: Callable[[], Swtpm]) -
     assert counter == {int(TPM2_PT.LOCKOUT_COUNTER): 3}
     with pytest.raises(TPMLockoutError):
         key.sign(b"again", ECDSA_SHA256)
+
+
+def test_default_key_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in tpm_connection.TCTI_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv(tpm.KEY_PATH_ENV, raising=False)
+    assert str(tpm.default_key_uri()) == "tpm2:path=/var/lib/device-sdk/device-key.tss2.pem"
+
+    monkeypatch.setenv(tpm.KEY_PATH_ENV, "/data/key.pem")
+    monkeypatch.setenv("TPM2TOOLS_TCTI", "swtpm:port=2321")
+    assert str(tpm.default_key_uri()) == "tpm2:path=/data/key.pem?tcti=swtpm:port=2321"

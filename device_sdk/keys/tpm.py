@@ -41,6 +41,7 @@ from device_sdk.errors import (
 from device_sdk.keys.base import PublicKey
 from device_sdk.keys.signing import AnyHardwareKey, hardware_key_for
 from device_sdk.keys.tpm_connection import (
+    DEFAULT_TCTI,
     INSTALL_HINT,
     TpmConnection,
     close_connections,
@@ -81,7 +82,10 @@ __all__ = [
     "BACKEND",
     "REQUIRED_ATTRIBUTES",
     "TpmSigner",
+    "DEFAULT_KEY_PATH",
+    "KEY_PATH_ENV",
     "close_connections",
+    "default_key_uri",
     "delete_key",
     "generate_key",
     "open_key",
@@ -101,6 +105,11 @@ REQUIRED_ATTRIBUTES = {
     "sensitiveDataOrigin": TPMA_OBJECT.SENSITIVEDATAORIGIN,
     "sign": TPMA_OBJECT.SIGN_ENCRYPT,
 }
+
+# Where ``device-sdk provision --auto`` keeps the key blob, unless $DEVICE_SDK_TPM_KEY_PATH says.
+# A blob file, unlike a persistent handle, cannot collide with another program's TPM object.
+DEFAULT_KEY_PATH = "/var/lib/device-sdk/device-key.tss2.pem"
+KEY_PATH_ENV = "DEVICE_SDK_TPM_KEY_PATH"
 
 _SIGNING_ATTRIBUTES = (
     TPMA_OBJECT.FIXEDTPM
@@ -434,6 +443,17 @@ def open_key(uri: str | Tpm2URI) -> AnyHardwareKey:
 # --- creating and deleting keys ---------------------------------------------------------------
 
 
+def default_key_uri() -> Tpm2URI:
+    """Return the key URI that ``provision --auto`` uses on a TPM: a blob at the default path.
+
+    A TCTI set in the environment is written into the URI, so the device config keeps working
+    without that environment.
+    """
+    path = os.environ.get(KEY_PATH_ENV) or DEFAULT_KEY_PATH
+    tcti = resolve_tcti(None)
+    return Tpm2URI(path=path, tcti=None if tcti == DEFAULT_TCTI else tcti)
+
+
 def generate_key(uri: str | Tpm2URI, algorithm: str = "ec-p256") -> AnyHardwareKey:
     """Create a signing key in the TPM and make it last: persisted at the handle or saved as a blob.
 
@@ -513,6 +533,7 @@ def _write_new_file(path: str, data: bytes) -> None:
     target = Path(path)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "wb") as file:
             file.write(data)
