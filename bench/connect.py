@@ -10,8 +10,8 @@ Starts, on 127.0.0.1 and in a temporary directory:
 - a SoftHSM token with a P-256 device key.
 
 MQTT: each signed connect fetches a challenge over HTTP, signs the assertion in SoftHSM, sends
-CONNECT and waits for CONNACK, and RabbitMQ asks the verifier; each plain connect sends a fixed
-password that RabbitMQ checks itself. Both disconnect after the CONNACK. HTTP: a first
+CONNECT and waits for CONNACK while RabbitMQ calls the verifier. Each plain connect sends a
+fixed password that RabbitMQ checks itself. Both disconnect after the CONNACK. HTTP: a first
 authenticated request (new client: TLS handshake, challenge, token, then the request) against a
 first unauthenticated request (new client: TLS handshake and the request).
 
@@ -146,7 +146,7 @@ def plain_connect(port: int, password: str, client_id: str) -> float:
     while not accepted.is_set() and time.monotonic() < deadline:
         client.loop(0.05)
     if codes != [0]:
-        raise RuntimeError(f"plain connect refused or timed out: {codes}")
+        raise RuntimeError(f"plain connect failed: CONNACK reason codes {codes} (none: timed out)")
     elapsed = time.perf_counter() - started
     client.disconnect()
     client.loop(0.05)
@@ -253,7 +253,7 @@ def bench_http(directory: Path, key: Any, count: int) -> dict[str, Any]:
             with httpx.Client(verify=context) as client:
                 response = client.get(url + "/healthz")
             if response.status_code != 200:
-                raise RuntimeError(f"GET /healthz answered {response.status_code}")
+                raise RuntimeError(f"GET /healthz returned HTTP {response.status_code}")
             return time.perf_counter() - started
 
         def first_authenticated() -> float:
@@ -261,7 +261,7 @@ def bench_http(directory: Path, key: Any, count: int) -> dict[str, Any]:
             with httpx.Client(verify=context, auth=DeviceAuth(key, url)) as client:
                 response = client.get(url + "/v1/whoami")
             if response.status_code != 200:
-                raise RuntimeError(f"GET /v1/whoami answered {response.status_code}")
+                raise RuntimeError(f"GET /v1/whoami returned HTTP {response.status_code}")
             return time.perf_counter() - started
 
         for _ in range(3):

@@ -89,7 +89,7 @@ def serve_verifier(
     access_token_lifetime: int = 300,
     extra_args: tuple[str, ...] = (),
 ) -> VerifierServer:
-    """Start ``device-sdk verifier serve`` with rate limits off and wait until it answers."""
+    """Start ``device-sdk verifier serve`` with rate limits off and wait until it responds."""
     port = port or free_port()
     directory.mkdir(parents=True, exist_ok=True)
     db_path = directory / "verifier.db"

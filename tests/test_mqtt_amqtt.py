@@ -1,7 +1,7 @@
 """MQTT login over TLS to the embedded amqtt broker, whose verifier plugin checks each CONNECT.
 
 The broker runs in this process with a :class:`Verifier` on the same SQLite database as the
-verifier served by uvicorn, which issues the challenges; so a challenge issued over HTTPS is
+verifier served by uvicorn, which issues the challenges. So a challenge issued over HTTPS is
 spent once by the broker. The broker listens with TLS, so every assertion carries ``cb``.
 """
 
@@ -32,7 +32,7 @@ from device_sdk.mqtt import Backoff, DeviceMqttClient, Outcome
 
 pytestmark = pytest.mark.slow
 
-# amqtt answers a refused login with MQTT 3.1.1 CONNACK 5, which paho 2 reports as 135.
+# amqtt rejects a login with MQTT 3.1.1 CONNACK 5, which paho 2 reports as 135.
 NOT_AUTHORIZED = 135
 
 

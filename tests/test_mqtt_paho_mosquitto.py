@@ -1,7 +1,7 @@
 """The paho composition against a real Mosquitto: fresh password per CONNECT, reconnects, TLS.
 
 Mosquitto here accepts any password, so these tests check what the client sends and how it
-reconnects; the verifier's checks are covered by the RabbitMQ and amqtt tests.
+reconnects. The RabbitMQ and amqtt tests cover the verifier's checks.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MQTT login through RabbitMQ, whose HTTP auth backend asks the verifier's webhook.
+"""MQTT login through RabbitMQ, whose HTTP auth backend calls the verifier's webhook.
 
 RabbitMQ 3.10 (Debian) with rabbitmq_mqtt and rabbitmq_auth_backend_http; the verifier runs under
 uvicorn. One node and one verifier serve the whole module, because a RabbitMQ start takes about
@@ -28,7 +28,7 @@ from device_sdk.mqtt import Backoff, ConnectAttempt, DeviceMqttClient, Outcome
 
 pytestmark = pytest.mark.slow
 
-# RabbitMQ 3.10 answers a refused login with MQTT 3.1.1 CONNACK 4, which paho 2 reports as 134.
+# RabbitMQ 3.10 rejects a login with MQTT 3.1.1 CONNACK 4, which paho 2 reports as 134.
 BAD_USERNAME_OR_PASSWORD = 134
 
 

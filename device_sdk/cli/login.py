@@ -72,8 +72,8 @@ def _open_key(config: DeviceConfig) -> Any:
     key = open_key(uri)
     if key.device_id != config.device_id:
         raise ConfigError(
-            f"the key at {key.uri} has device id {key.device_id}, but the config says "
-            f"{config.device_id}; provision again or fix key_uri"
+            f"the key at {key.uri} has device id {key.device_id}, but the config file has "
+            f"device_id {config.device_id}; provision again or fix key_uri"
         )
     return key
 

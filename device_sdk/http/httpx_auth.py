@@ -1,8 +1,9 @@
 """Device login for httpx: an ``httpx.Auth`` that adds a bearer token from the verifier.
 
-The first request, or any request once the token is about to expire, first runs the login flow
-through the same ``httpx.Client`` or ``httpx.AsyncClient``: a challenge, an assertion bound to the
-verifier certificate seen on the challenge's connection, and the token request. A 401 on the
+Before the first request, and before any request once the token is about to expire, the login
+flow runs through the same ``httpx.Client`` or ``httpx.AsyncClient``. It fetches a challenge,
+signs an assertion bound to the verifier certificate of the challenge's connection, and
+exchanges it at the token endpoint. A 401 on the
 protected request drops the token and logs in once more; a second 401 is returned to the caller.
 """
 
@@ -39,7 +40,7 @@ REFRESH_MARGIN = 30.0
 
 
 def answer_from_status(status_code: int, content: bytes, retry_after: str | None) -> Answer:
-    """Turn an HTTP answer into what a login flow expects: a JSON object or an ErrorAnswer."""
+    """Convert an HTTP response into what a login flow expects: a JSON object or an ErrorAnswer."""
     if 200 <= status_code < 300:
         return loads_json_object(content)
     seconds: float | None = None
@@ -101,8 +102,8 @@ class DeviceAuth(httpx.Auth):
     Raises :class:`~device_sdk.errors.LoginError` when the verifier refuses the login.
     """
 
-    # The body is read by sync_auth_flow and async_auth_flow below, after the server certificate:
-    # a server that answers "Connection: close" has its connection closed once the body is read.
+    # sync_auth_flow and async_auth_flow below read the body after the server certificate,
+    # because httpcore closes a "Connection: close" connection once the body is read.
     requires_request_body = True
     requires_response_body = False
 
@@ -156,7 +157,7 @@ class DeviceAuth(httpx.Auth):
                 break
 
     def _keep_certificate(self, response: httpx.Response) -> None:
-        """Store the certificate of a login answer while its connection is surely open."""
+        """Store the certificate of a login response while its connection is still open."""
         if not is_tls_audience(self.audience):
             return
         if not str(response.request.url).startswith(self.verifier_url):
@@ -176,7 +177,7 @@ class DeviceAuth(httpx.Auth):
             return
 
         logger.info(
-            "device %s: %s %s answered 401; logging in again once",
+            "device %s: %s %s returned 401; logging in again once",
             self.device_id, request.method, request.url,
         )
         self.tokens.discard(token)

@@ -1,7 +1,7 @@
 """Device login for requests: an ``AuthBase`` that adds a bearer token from the verifier.
 
-The login runs on its own ``requests.Session`` (``login_session``), because an ``AuthBase`` sees
-the prepared request but not the session sending it. A 401 on the protected request drops the
+The login runs on its own ``requests.Session`` (``login_session``), because an ``AuthBase`` gets
+the prepared request but not the session that sends it. A 401 on the protected request drops the
 token, logs in once more and resends the request on the same adapter, as requests' own digest
 authentication does; a second 401 is returned to the caller.
 """
@@ -88,13 +88,13 @@ class DeviceRequestsAuth(AuthBase):
             return response
         request = response.request
         logger.info(
-            "device %s: %s %s answered 401; logging in again once",
+            "device %s: %s %s returned 401; logging in again once",
             self.device_id, request.method, request.url,
         )
         used = request.headers.get("Authorization")
         self.tokens.discard_authorization(used if isinstance(used, str) else None)
 
-        # Read and release the refused answer so its connection can carry the retry.
+        # Read and release the rejected response so that its connection can carry the retry.
         _ = response.content
         response.close()
 

@@ -1,8 +1,8 @@
 """An MQTT connection that logs in with a fresh device assertion on every CONNECT.
 
 The paho-mqtt client is used by composition: this module sets public callbacks and options on a
-``paho.mqtt.client.Client`` and drives its network loop from its own thread, so paho's own
-reconnect logic (fixed doubling, no jitter, and a password set once) never runs.
+``paho.mqtt.client.Client`` and drives its network loop from its own thread. So paho's own
+reconnect logic, with a fixed doubling, no jitter and a password set once, never runs.
 
 Why the password is minted in ``on_socket_open``: paho calls that callback after the TCP
 connection and the TLS handshake, and before it builds the CONNECT packet from the username and
@@ -74,7 +74,7 @@ LOOP_TIMEOUT = 0.2
 
 
 class Outcome:
-    """How one connection attempt ended; the values appear in :class:`ConnectAttempt`."""
+    """Outcomes of one connection attempt, as recorded in :class:`ConnectAttempt`."""
 
     CONNECTED = "connected"
     NOT_AUTHORISED = "not_authorised"
@@ -171,10 +171,16 @@ class DeviceMqttClient:
     :meth:`start` runs the connection in a background thread with reconnects; :meth:`connect_once`
     makes one blocking attempt and raises on failure.
 
-    Reconnects wait with exponential backoff and full jitter. A refused login ("not authorised",
-    CONNACK 5 or reason code 135, and "bad user name or password", 4 or 134) is retried once at
-    once with a new assertion, because the first may have crossed a verifier restart, and then
-    waits like a network failure. A successful connection resets the backoff.
+    Reconnects wait with exponential backoff and full jitter. A rejected login ("not authorised",
+    CONNACK 5 or reason code 135, and "bad user name or password", 4 or 134) is retried at once
+    with a new assertion, because the first may have crossed a verifier restart. A second
+    rejection in a row waits like a network failure. A successful connection resets the backoff.
+
+    Options: ``verify`` is the httpx TLS setting for the verifier when no ``http_client`` is
+    given, and ``tls_context`` the context for an ``mqtts://`` broker. ``assertion_lifetime`` is
+    the seconds from ``iat`` to ``exp`` (at most 60). ``broker_password_limit`` is a broker's own
+    password limit in bytes, below the MQTT limit of 65535. ``connect_timeout`` bounds the TCP and
+    TLS set-up, the challenge request and the wait for CONNACK, each in seconds.
     """
 
     def __init__(
@@ -304,7 +310,7 @@ class DeviceMqttClient:
         if self.error is not None:
             raise self.error
         if attempt.outcome == Outcome.NOT_AUTHORISED:
-            raise LoginError(f"broker {self.address.url} refused the login: {attempt.detail}")
+            raise LoginError(f"broker {self.address.url} rejected the login: {attempt.detail}")
         raise TransportError(f"MQTT login to {self.address.url} failed: {attempt.detail}")
 
     def disconnect(self) -> None:
@@ -546,7 +552,7 @@ class DeviceMqttClient:
                 return
 
     def _classify(self, accepted: bool) -> tuple[str, str]:
-        """Name how a connection that has ended went: refused, lost, or never answered."""
+        """Return the outcome of an ended connection: refused, lost, or closed before CONNACK."""
         connack = self._connack
         if connack is None:
             return Outcome.NETWORK, "connection closed before CONNACK"
