@@ -451,3 +451,21 @@ def test_channel_bindings_from_pem(tmp_path: Path) -> None:
     }
     with pytest.raises(ConfigError, match="cannot read a PEM certificate"):
         channel_bindings_from_pem(tmp_path / "missing.pem")
+
+
+def test_enrollment_audit_omits_token(verifier: Verifier, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    token = verifier.create_enrollment_tokens()[0]
+    with caplog.at_level(logging.INFO, logger="device_sdk.verifier.audit"):
+        record, _ = verifier.enroll(
+            make_csr(make_key("ES256")), token, "software", False, "192.0.2.5"
+        )
+        with pytest.raises(VerificationError):
+            verifier.enroll(make_csr(make_key("ES256")), token, "software", False, "192.0.2.6")
+    lines = [r.getMessage() for r in caplog.records if r.name == "device_sdk.verifier.audit"]
+    assert len(lines) == 2
+    assert lines[0].startswith(f"event=enroll outcome=accept device_id={record.device_id}")
+    assert "reason=enrollment_token_used" in lines[1]
+    assert "client=192.0.2.6" in lines[1]
+    assert token not in caplog.text
