@@ -280,3 +280,22 @@ def test_certificate_of_login_connection_is_bound(
 
     der = ssl.PEM_cert_to_DER_cert(test_pki.server.cert_pem.decode())
     assert seen == [der, der]
+
+
+def test_alogin_then_request_reuses_token(
+    https_verifier: VerifierServer, device_key: Any, test_pki: TestPKI
+) -> None:
+    device_id = https_verifier.enroll(device_key)
+    auth = DeviceAuth(device_key, https_verifier.url)
+
+    async def call() -> httpx.Response:
+        async with httpx.AsyncClient(verify=test_pki.client_ssl_context()) as client:
+            await auth.alogin(client)
+            return await client.get(whoami_url(https_verifier), auth=auth)
+
+    response = asyncio.run(call())
+
+    assert response.status_code == 200
+    assert response.json()["device_id"] == device_id
+    assert response.history == []
+    assert auth.logins == 1

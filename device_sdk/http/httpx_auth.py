@@ -169,6 +169,8 @@ class DeviceAuth(httpx.Auth):
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         token = self.tokens.get()
+        # NOTE: requests that start together without a valid token each log in, since no lock
+        # spans the login's requests; the last token stored wins and the others stay valid.
         if token is None:
             token = yield from self._login()
         request.headers["Authorization"] = token.authorization
