@@ -233,6 +233,7 @@ class Demo:
         with _timed(report, "pki_and_token"):
             self.pki = _write_pki(self.directory)
             key_uri = self._create_token()
+        supervisor.check_interrupted()
 
         self.verifier_port, self.broker_port = free_loopback_port(), free_loopback_port()
         self.verifier_url = f"https://{HOST}:{self.verifier_port}"
@@ -248,7 +249,9 @@ class Demo:
         with _timed(report, "provision"):
             config_path = self._provision(supervisor, key_uri, token_file)
 
+        supervisor.check_interrupted()
         self._log_in(config_path)
+        supervisor.check_interrupted()
         report.ok = bool(report.http["success"] and report.mqtt["success"])
 
     # --- steps --------------------------------------------------------------------------------

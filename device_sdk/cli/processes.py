@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT = 5.0
+POLL_INTERVAL = 0.05
+SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class ChildFailedError(RuntimeError):
@@ -45,9 +47,11 @@ def free_loopback_port() -> int:
         return port
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec. PR_SET_PDEATHSIG is Linux-only; elsewhere the
-    # explicit shutdown is the only protection.
+def _prepare_child() -> None:
+    # Runs in the child between fork and exec. The parent blocks the shutdown signals around
+    # fork, and exec keeps the signal mask, so the child unblocks them first.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
+    # PR_SET_PDEATHSIG is Linux-only; elsewhere the explicit shutdown is the only protection.
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -76,18 +80,21 @@ class Child:
 class Supervisor:
     """Starts child processes and guarantees they are stopped when the ``with`` block ends.
 
-    Inside the block, SIGTERM and SIGHUP raise KeyboardInterrupt like SIGINT does, so one
-    ``finally`` path stops every child whatever signal arrived. During shutdown these signals
-    are ignored, so a second Ctrl-C cannot cut the shutdown short.
+    Inside the block, SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt, so one ``finally``
+    path stops every child whatever signal arrived. Python drops an exception raised inside a
+    fork hook ("Exception ignored in ..."), so the handler also records the signal and every
+    method here, and :meth:`check_interrupted`, raises KeyboardInterrupt again until the block
+    ends. During shutdown these signals are ignored, so a second Ctrl-C cannot cut it short.
     """
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.children: list[Child] = []
+        self.interrupted_by: int | None = None
         self._previous_handlers: dict[int, object] = {}
 
     def __enter__(self) -> Supervisor:
-        for signum in (signal.SIGTERM, signal.SIGHUP):
+        for signum in SHUTDOWN_SIGNALS:
             self._previous_handlers[signum] = signal.signal(signum, self._raise_interrupt)
         return self
 
@@ -101,9 +108,14 @@ class Supervisor:
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)  # type: ignore[arg-type]
 
-    @staticmethod
-    def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    def _raise_interrupt(self, signum: int, frame: FrameType | None) -> None:
+        self.interrupted_by = signum
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    def check_interrupted(self) -> None:
+        """Raise KeyboardInterrupt if a shutdown signal arrived inside the block."""
+        if self.interrupted_by is not None:
+            raise KeyboardInterrupt(f"signal {signal.Signals(self.interrupted_by).name}")
 
     def start(
         self,
@@ -113,10 +125,15 @@ class Supervisor:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
     ) -> Child:
-        """Start a child with its output in ``<log_dir>/<name>.log``."""
+        """Start a child with its output in ``<log_dir>/<name>.log``.
+
+        The shutdown signals are blocked until the child is recorded, so an interrupt can never
+        leave an untracked child behind.
+        """
+        self.check_interrupted()
         log_path = self.log_dir / f"{name}.log"
         log_file: IO[bytes]
-        with open(log_path, "ab") as log_file:
+        with _signals_blocked(), open(log_path, "ab") as log_file:
             process = subprocess.Popen(
                 list(argv),
                 stdin=subprocess.DEVNULL,
@@ -125,10 +142,10 @@ class Supervisor:
                 env=dict(env) if env is not None else None,
                 cwd=cwd,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # the demo starts children before any thread
+                preexec_fn=_prepare_child,  # the demo starts children before any thread
             )
-        child = Child(name=name, process=process, log_path=log_path)
-        self.children.append(child)
+            child = Child(name=name, process=process, log_path=log_path)
+            self.children.append(child)
         logger.info("started %s (PID %d): %s", name, process.pid, " ".join(argv))
         return child
 
@@ -149,13 +166,16 @@ class Supervisor:
         child = self.start(name, argv, env=env)
         if on_start is not None:
             on_start(child)
-        try:
-            status = child.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.stop(child)
-            raise ChildFailedError(
-                f"{name} did not finish within {timeout:.0f} s; output:\n{child.log_tail()}"
-            ) from None
+        deadline = time.monotonic() + timeout
+        while child.process.poll() is None:
+            self.check_interrupted()
+            if time.monotonic() > deadline:
+                self.stop(child)
+                raise ChildFailedError(
+                    f"{name} did not finish within {timeout:.0f} s; output:\n{child.log_tail()}"
+                )
+            time.sleep(POLL_INTERVAL)
+        status = child.process.returncode
         self.children.remove(child)
         return status, child.log_tail(max_chars=100_000)
 
@@ -175,6 +195,7 @@ class Supervisor:
         started = time.monotonic()
         deadline = started + timeout
         while True:
+            self.check_interrupted()
             if child.process.poll() is not None:
                 raise ChildFailedError(
                     f"{child.name} exited with status {child.process.returncode} before "
@@ -187,7 +208,7 @@ class Supervisor:
                     f"{child.name} was not ready ({what}) after {timeout:.0f} s; "
                     f"output:\n{child.log_tail()}"
                 )
-            time.sleep(0.05)
+            time.sleep(POLL_INTERVAL)
 
     def stop(self, child: Child) -> None:
         """Stop one child's process group: SIGTERM, then SIGKILL after a grace period."""
@@ -213,13 +234,23 @@ class Supervisor:
 
     def stop_all(self) -> None:
         """Stop every child, newest first, with SIGINT, SIGTERM and SIGHUP ignored meanwhile."""
-        with _signals_ignored((signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
+        with _signals_ignored(SHUTDOWN_SIGNALS):
             for child in reversed(list(self.children)):
                 self.stop(child)
 
     @property
     def pids(self) -> list[int]:
         return [child.pid for child in self.children]
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
+    try:
+        yield
+    finally:
+        # A signal that arrived meanwhile is delivered here, once the child is recorded.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
 
 
 @contextlib.contextmanager
