@@ -13,6 +13,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from fixtures_serial import Simulator
 
 from device_sdk.errors import (
     ConfigError,
@@ -26,7 +27,6 @@ from device_sdk.keys import compute_device_id
 from device_sdk.keys import open_key as open_any_key
 from device_sdk.keys import serial as serial_keys
 from device_sdk.keys.serial import SerialECKey, generate_key, open_key
-from fixtures_serial import Simulator
 
 ECDSA = ec.ECDSA(hashes.SHA256())
 
@@ -255,7 +255,9 @@ def test_other_device_after_restart_rejected(serial_simulator: Simulator) -> Non
     serial_simulator.start()
     generate_key(serial_simulator.uri, "ec-p256")
 
-    with pytest.raises(SerialLinkError, match="slot 0 .* holds a different key than when it was opened"):
+    with pytest.raises(
+        SerialLinkError, match="slot 0 .* holds a different key than when it was opened"
+    ):
         key.sign(b"to the wrong device", ECDSA)
 
 

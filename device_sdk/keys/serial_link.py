@@ -468,7 +468,8 @@ class SerialLink:
         if pending:
             text += f", {pending} of them in an unfinished frame"
         if discarded:
-            text += f"; discarded {len(discarded)} invalid frames: " + "; ".join(discarded[:3])
+            count = f"{len(discarded)} invalid frame" + ("s" if len(discarded) > 1 else "")
+            text += f"; discarded {count}: " + "; ".join(discarded[:3])
         elif not received:
             text += "; check that the device is powered and runs the firmware"
         return SerialTimeoutError(text, bytes_received=received)
