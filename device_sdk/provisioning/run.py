@@ -150,7 +150,9 @@ class _Run:
         self.outcomes: list[StepOutcome] = []
         self.messages: list[str] = []
         self.key: keystore.DeviceKey | None = None
+        # The key was on the token before this config's provisioning began.
         self.key_found = False
+        self.key_generated_now = False
 
     # --- bookkeeping --------------------------------------------------------------------------
 
@@ -193,13 +195,12 @@ class _Run:
         keystore.check_software_key_allowed(self.key_ref, self.request.allow_software_key)
 
         key = keystore.find_key(self.key_ref)
-        generated_now = False
         if key is None:
             # Record the intent first: a key found by a later run after a crash here is ours.
             self.state.key_generated = True
             save_state(self.state_path, self.state)
             key = keystore.generate_key(self.key_ref, self.request.algorithm)
-            generated_now = True
+            self.key_generated_now = True
             self._say(f"created a new {self.request.algorithm} key: {self.key_ref.public_uri}")
         elif self.state.device_id is not None and self.state.device_id != key.device_id:
             raise ProvisioningError(
@@ -226,7 +227,7 @@ class _Run:
                 f"the key is a software key ({key.backend}), accepted because software keys "
                 "were allowed; it is recorded as hardware_backed = false"
             )
-        self._record("key", "done", started, "generated" if generated_now else "found")
+        self._record("key", "done", started, "generated" if self.key_generated_now else "found")
 
     def step_check(self) -> None:
         started = time.monotonic()
@@ -252,8 +253,8 @@ class _Run:
         verify = _verify_setting(self.request.ca_bundle)
 
         # A key that was on the token before this config existed may be enrolled already. So
-        # may a key whose enrollment finished just before a crash.
-        if (self.key_found or self.state.key_generated) and device_is_enrolled(
+        # may a key whose enrollment finished just before a crash. A key made now is not.
+        if not self.key_generated_now and device_is_enrolled(
             self.request.verifier_url, self.state.device_id, verify=verify
         ):
             self.state.device = {"device_id": self.state.device_id, "status": "active"}
