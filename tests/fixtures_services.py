@@ -23,6 +23,7 @@ import contextlib
 import datetime
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -58,11 +59,44 @@ POLL_INTERVAL = 0.05
 # Processes, ports and readiness
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+_handed_out_ports: set[int] = set()
+
+
+def _ephemeral_port_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # the Linux default
+
+
+def _port_is_bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on now, never the same one twice.
+
+    The port lies below the kernel's ephemeral range (``net.ipv4.ip_local_port_range``): a port
+    from that range can be taken as the local port of an outgoing connection between this check
+    and the server's bind, which then fails with "address already in use".
+    """
+    low, _high = _ephemeral_port_range()
+    first, last = 10000, low - 1
+    if last - first < 1000:
+        first, last = 1024, low - 1
+    generator = random.SystemRandom()
+    for _ in range(500):
+        port = generator.randint(first, last)
+        if port not in _handed_out_ports and _port_is_bindable(port):
+            _handed_out_ports.add(port)
+            return port
+    raise RuntimeError(f"no free TCP port found on {HOST} between {first} and {last}")
 
 
 def require_binary(name: str, package: str, *, search: Sequence[str] = ()) -> str:
