@@ -155,3 +155,58 @@ def swtpm_factory(tmp_path: Path) -> Iterator[Callable[[], Swtpm]]:
     yield make
     for instance in started:
         instance.stop()
+
+
+@dataclass
+class EndorsementCA:
+    """The local CA that swtpm_localca made to issue EK certificates: root and issuing CA."""
+
+    root_path: Path
+    issuer_path: Path
+
+
+def manufacture(state_dir: Path, ca_dir: Path) -> EndorsementCA:
+    """Run swtpm_setup on ``state_dir``: EKs, and EK certificates from a local CA in ``ca_dir``."""
+    if shutil.which("swtpm_setup") is None or shutil.which("swtpm_localca") is None:
+        pytest.skip(f"swtpm_setup is not installed; install it with: {APT_INSTALL}")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    ca_dir.mkdir(parents=True, exist_ok=True)
+    localca_conf = ca_dir / "swtpm-localca.conf"
+    localca_conf.write_text(
+        f"statedir = {ca_dir}\n"
+        f"signingkey = {ca_dir / 'signkey.pem'}\n"
+        f"issuercert = {ca_dir / 'issuercert.pem'}\n"
+        f"certserial = {ca_dir / 'certserial'}\n"
+    )
+    options = ca_dir / "swtpm-localca.options"
+    options.write_text("")
+    setup_conf = ca_dir / "swtpm_setup.conf"
+    setup_conf.write_text(
+        "create_certs_tool = swtpm_localca\n"
+        f"create_certs_tool_config = {localca_conf}\n"
+        f"create_certs_tool_options = {options}\n"
+        "active_pcr_banks = sha256\n"
+    )
+    completed = subprocess.run(
+        [
+            "swtpm_setup", "--tpm2", "--tpmstate", str(state_dir), "--create-ek-cert",
+            "--config", str(setup_conf), "--overwrite",
+        ],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    if completed.returncode != 0:
+        raise RuntimeError(f"swtpm_setup failed: {completed.stdout[-2000:]}{completed.stderr}")
+    return EndorsementCA(ca_dir / "swtpm-localca-rootca-cert.pem", ca_dir / "issuercert.pem")
+
+
+@pytest.fixture(scope="session")
+def swtpm_with_ek(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Swtpm, EndorsementCA]]:
+    """A simulator manufactured with EK certificates, and the local CA that issued them."""
+    require_tpm_stack()
+    base = tmp_path_factory.mktemp("swtpm-ek")
+    ca = manufacture(base / "state", base / "ca")
+    instance = start_swtpm(base / "state")
+    yield instance, ca
+    instance.stop()
