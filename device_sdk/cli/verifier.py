@@ -84,6 +84,12 @@ def _register_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser
         "--broker-cert", action="append", default=[], nargs=2, metavar=("URL", "PEM"),
         help="certificate of a TLS broker audience (mqtts://), for channel binding; repeatable",
     )
+    parser.add_argument(
+        "--nonceless-audience", action="append", default=[], metavar="URL",
+        help="broker audience that also accepts assertions without a challenge nonce, single "
+        "use only by their jti (weaker; for brokers whose clients cannot fetch a challenge); "
+        "repeatable",
+    )
 
     parser.add_argument(
         "--signing-key", metavar="PEM",
@@ -96,6 +102,10 @@ def _register_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument(
         "--access-token-lifetime", type=int, default=300, metavar="SECONDS",
         help="lifetime of access tokens in seconds (default: 300)",
+    )
+    parser.add_argument(
+        "--challenge-lifetime", type=int, default=60, metavar="SECONDS",
+        help="lifetime of challenges in seconds, at most 120 (default: 60)",
     )
     parser.add_argument(
         "--no-rate-limits", action="store_true",
@@ -212,8 +222,10 @@ def build_config(args: argparse.Namespace) -> Any:
         "issuer": issuer,
         "http_channel_bindings": http_bindings,
         "broker_audiences": brokers,
+        "nonceless_audiences": frozenset(args.nonceless_audience),
         "leeway": args.leeway,
         "access_token_lifetime": args.access_token_lifetime,
+        "challenge_lifetime": args.challenge_lifetime,
     }
     if args.no_rate_limits:
         settings.update(
