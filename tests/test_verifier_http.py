@@ -115,7 +115,7 @@ def spend_in_parallel(servers: list[HTTPServer], assertion: str) -> list[int]:
         client = clients[index]
         # Open the connection first, so the requests leave as close together as possible.
         client.get(server.url + "/healthz")
-        barrier.wait()
+        barrier.wait(timeout=60)
         response = client.post(server.url + "/v1/token", json={"assertion": assertion})
         statuses[index] = response.status_code
 
