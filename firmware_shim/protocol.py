@@ -32,7 +32,7 @@ GENERATE_KEY = 0x03
 SIGN_DIGEST = 0x04
 COUNTER = 0x05
 LOCK_SLOT = 0x06
-# Simulator only: corrupt the next reply on purpose. Firmware on a board answers UNKNOWN_COMMAND.
+# Simulator only: corrupt the next reply on purpose. Firmware on a board replies UNKNOWN_COMMAND.
 FAULT = 0x7F
 REPLY_BIT = 0x80
 # Kind of the reply to a frame that could not be read far enough to know its command or seq.
@@ -154,8 +154,8 @@ def cobs_encode(data: bytes) -> bytes:
             continue
         out.append(byte)
         code += 1
-        # A full block of 254 data bytes ends without a zero; a new block starts only if more
-        # data follows, so the encoding is the canonical one.
+        # A full block of 254 data bytes ends without a zero. A new block starts only if more
+        # data follows, which keeps the encoding canonical.
         if code == 0xFF and index < last:
             out[code_index] = code
             code_index = len(out)
@@ -384,9 +384,9 @@ class FrameReader:
     def _append(self, chunk: bytes) -> None:
         room = MAX_ENCODED + 1 - len(self._buffer)
         if self._overflow or len(chunk) > room:
-            taken = max(0, min(room, len(chunk)))
-            self._buffer.extend(chunk[:taken])
-            self._overflow += len(chunk) - taken
+            kept = max(0, min(room, len(chunk)))
+            self._buffer.extend(chunk[:kept])
+            self._overflow += len(chunk) - kept
             return
         self._buffer.extend(chunk)
 

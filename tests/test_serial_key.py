@@ -142,7 +142,7 @@ def test_lock_empty_slot_rejected(serial_simulator: Simulator) -> None:
 def test_generate_on_occupied_slot(serial_simulator: Simulator) -> None:
     first = generate_key(serial_simulator.uri, "ec-p256")
 
-    with pytest.raises(KeyExistsError, match="slot 0 .* already holds a key"):
+    with pytest.raises(KeyExistsError, match="slot 0 .* already contains a key"):
         generate_key(serial_simulator.uri, "ec-p256")
     replaced = generate_key(serial_simulator.uri, "ec-p256", replace=True)
 
@@ -150,7 +150,7 @@ def test_generate_on_occupied_slot(serial_simulator: Simulator) -> None:
 
 
 def test_open_empty_slot_not_found(serial_simulator: Simulator) -> None:
-    with pytest.raises(KeyNotFoundError, match="slot 5 .* holds no key"):
+    with pytest.raises(KeyNotFoundError, match="slot 5 .* is empty; create one"):
         open_key(serial_simulator.uri_for_slot(5))
 
 
@@ -256,7 +256,7 @@ def test_other_device_after_restart_rejected(serial_simulator: Simulator) -> Non
     generate_key(serial_simulator.uri, "ec-p256")
 
     with pytest.raises(
-        SerialLinkError, match="slot 0 .* holds a different key than when it was opened"
+        SerialLinkError, match="slot 0 .* contains a different key than when it was opened"
     ):
         key.sign(b"to the wrong device", ECDSA)
 

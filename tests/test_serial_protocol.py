@@ -91,7 +91,8 @@ def test_frame_layout() -> None:
 
     body = protocol.cobs_decode(wire[1:-1])
 
-    assert wire[0] == 0 and wire[-1] == 0
+    assert wire[0] == 0
+    assert wire[-1] == 0
     assert body[:6] == bytes((1, 5, protocol.SIGN_DIGEST, 0, 0, 2))
     assert body[6:8] == b"\x00\x01"
     assert body[8:] == protocol.crc16(body[:8]).to_bytes(2, "big")
@@ -199,7 +200,8 @@ def test_device_answers_any_bytes(device: Device, data: bytes, cuts: list[int]) 
     replies += device.poll(10_000_000)
 
     for reply in replies:
-        assert reply[0] == 0 and reply[-1] == 0
+        assert reply[0] == 0
+        assert reply[-1] == 0
         frame = protocol.decode_body(reply[1:-1])
         assert frame.kind & protocol.REPLY_BIT
         assert frame.status in protocol.STATUS_NAMES
@@ -224,7 +226,7 @@ def test_device_any_request_answered(device: Device, kind: int, payload: bytes) 
 
 
 class ScriptedPort:
-    """A fake serial port: answers HELLO properly, then sends scripted bytes for any request."""
+    """A fake serial port: replies to HELLO properly, then sends scripted bytes for any request."""
 
     def __init__(self, script: bytes, device: Device) -> None:
         self.timeout: float | None = 0

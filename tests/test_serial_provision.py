@@ -1,6 +1,6 @@
 """`device-sdk provision` and `device-sdk login` with a key in the simulated serial secure element.
 
-The verifier runs over HTTPS and the amqtt broker over TLS (``amqtt_stack``); the device
+The verifier runs over HTTPS and the amqtt broker over TLS (``amqtt_stack``). The device
 commands run in subprocesses, as on a device, and open the simulator's ``--link`` path.
 """
 

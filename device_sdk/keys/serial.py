@@ -128,7 +128,7 @@ class SerialSigner:
         return signature
 
     def sign_eddsa(self, data: bytes) -> bytes:
-        raise UnsupportedAlgorithm(f"{self.location} holds ECDSA P-256 keys only")
+        raise UnsupportedAlgorithm(f"{self.location} supports only ECDSA P-256 keys")
 
     def sign_rsa_digest(
         self,
@@ -137,7 +137,7 @@ class SerialSigner:
         pad: padding.AsymmetricPadding,
         salt_length: int | None,
     ) -> bytes:
-        raise UnsupportedAlgorithm(f"{self.location} holds ECDSA P-256 keys only")
+        raise UnsupportedAlgorithm(f"{self.location} supports only ECDSA P-256 keys")
 
 
 class SerialECKey(HardwareECKey):
@@ -219,11 +219,11 @@ def _raise_slot_error(exc: SerialDeviceError, link: SerialLink, slot: int) -> No
     where = f"slot {slot} of the serial secure element at {link.device}"
     if exc.status == protocol.SLOT_EMPTY:
         raise KeyNotFoundError(
-            f"{where} holds no key; create one with generate_key() or device-sdk provision"
+            f"{where} is empty; create one with generate_key() or device-sdk provision"
         ) from exc
     if exc.status == protocol.SLOT_OCCUPIED:
         raise KeyExistsError(
-            f"{where} already holds a key; open it with open_key(), or choose another slot="
+            f"{where} already contains a key; open it with open_key(), or choose another slot="
         ) from exc
     if exc.status == protocol.BAD_SLOT:
         raise ConfigError(

@@ -9,7 +9,7 @@ Arduinos reset on that edge. The link leaves both lines asserted (no further edg
 and clears HUPCL, so closing the port does not drop DTR and later opens cause no reset. The first
 open after the board powers up can still reset it; the readiness probe covers that case.
 
-Readiness: after opening, the link sends HELLO until the device answers or ``connect_timeout``
+Readiness: after opening, the link sends HELLO until the device replies or ``connect_timeout``
 passes, instead of waiting for a greeting that a running board would never send.
 
 Reconnect: an I/O error on the port (the device unplugged, the simulator restarted) closes it.
@@ -39,7 +39,7 @@ __all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_TIMEOUT", "DeviceInfo", "Port", "
 # Seconds to wait for a reply. An ATECC608 needs at most 115 ms for its slowest command
 # (GenKey), so this leaves room for slow links and a busy host.
 DEFAULT_TIMEOUT = 2.0
-# Seconds to find the device again and get an answer to HELLO, after a start or a reset.
+# Seconds to find the device again and get a reply to HELLO, after a start or a reset.
 DEFAULT_CONNECT_TIMEOUT = 5.0
 # Seconds per HELLO try while probing, so a frame lost during a board's start is sent again.
 PROBE_TRY_TIMEOUT = 0.3
@@ -47,7 +47,7 @@ MAX_OPEN_RETRY_DELAY = 0.25
 
 
 class Port(Protocol):
-    """What the link needs from a serial port; ``serial.Serial`` provides it."""
+    """The serial port interface that the link uses; ``serial.Serial`` implements it."""
 
     timeout: float | None
 
@@ -177,7 +177,7 @@ class SerialLink:
             return self._info
 
     def key_seen(self, slot: int, public_key: bytes) -> None:
-        """Record that ``slot`` holds ``public_key`` (X || Y) on the current connection."""
+        """Record that ``slot`` contains ``public_key`` (X || Y) on the current connection."""
         with self._lock:
             self._seen_keys[slot] = (public_key, self.connections)
 
@@ -196,7 +196,7 @@ class SerialLink:
         arrives in ``timeout`` seconds, and SerialLinkError when the link is lost. After a lost
         link a ``repeatable`` command, or one that was not completely written, is sent once more
         on the reopened port. With ``expected_key`` (slot, X || Y), the command is sent only
-        while that slot holds that key, checked again after every reconnect.
+        while that slot contains that key, checked again after every reconnect.
         """
         with self._lock:
             self._ensure_open()
@@ -310,7 +310,7 @@ class SerialLink:
                 delay = min(delay * 2, MAX_OPEN_RETRY_DELAY)
 
     def _probe(self, deadline: float) -> DeviceInfo:
-        """Send HELLO until the device answers or the deadline passes."""
+        """Send HELLO until the device replies or the deadline passes."""
         tries = 0
         while True:
             tries += 1
@@ -323,7 +323,7 @@ class SerialLink:
                 if time.monotonic() < deadline:
                     continue
                 raise SerialTimeoutError(
-                    f"{self.device} opened, but the device answered none of {tries} HELLO "
+                    f"{self.device} opened, but the device replied to none of {tries} HELLO "
                     f"requests within {self.connect_timeout:g} s ({exc.bytes_received} bytes "
                     "arrived for the last one). Check that the firmware runs and that the baud "
                     f"rate {self.baud} matches",
@@ -332,7 +332,7 @@ class SerialLink:
             return DeviceInfo.parse(payload, self.device)
 
     def _check_key(self, expected_key: tuple[int, bytes] | None) -> None:
-        """Check, once per connection, that a slot still holds the key that was opened."""
+        """Check, once per connection, that a slot still contains the key that was opened."""
         if expected_key is None:
             return
         slot, expected = expected_key
@@ -347,7 +347,7 @@ class SerialLink:
             current = b""
         if current != expected:
             raise SerialLinkError(
-                f"slot {slot} of the device at {self.device} holds a different key than "
+                f"slot {slot} of the device at {self.device} contains a different key than "
                 f"when it was opened ({'now empty' if not current else 'another public key'}): "
                 "another device may be on that port. Open the key again to use what it holds"
             )
