@@ -312,7 +312,13 @@ class Demo:
         status, output = supervisor.run("enrollment-token", argv, env=self.env, timeout=60)
         if status != 0:
             raise DemoError(f"creating an enrollment token failed (status {status}):\n{output}")
-        token = json.loads(output.strip().splitlines()[-1])["tokens"][0]
+        # The log holds stderr too, so take the JSON object line rather than the last line.
+        answers = [line for line in output.splitlines() if line.startswith("{")]
+        if not answers:
+            raise DemoError(
+                f"`device-sdk verifier enrollment-token create` printed no JSON:\n{output}"
+            )
+        token = json.loads(answers[-1])["tokens"][0]
 
         path = self.directory / "enrollment.token"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
