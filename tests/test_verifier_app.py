@@ -461,6 +461,15 @@ def test_emqx_allow_and_deny(client: TestClient, verifier: Verifier, device: Dev
     assert replay.json() == {"result": "deny"}
 
 
+def test_emqx_form_body(client: TestClient, verifier: Verifier, device: Device) -> None:
+    form = {"username": device.device_id, "password": mqtt_password(verifier, device)}
+
+    response = client.post("/v1/broker/auth/emqx", data=form)
+
+    assert response.status_code == 200
+    assert response.json() == {"result": "allow", "is_superuser": False}
+
+
 def test_emqx_deny_logs_peer_address(
     client: TestClient, device: Device, caplog: pytest.LogCaptureFixture
 ) -> None:

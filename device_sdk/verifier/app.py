@@ -7,7 +7,7 @@ Endpoints (wire format in ``docs/protocol.md``):
 - ``GET /v1/whoami``: a sample protected resource that takes ``Authorization: Bearer``
 - ``POST /v1/broker/auth/rabbitmq/{user,vhost,resource,topic}``: RabbitMQ's HTTP auth backend
   (form posts, plain ``allow`` or ``deny`` responses)
-- ``POST /v1/broker/auth/emqx``: EMQX-style JSON HTTP authentication
+- ``POST /v1/broker/auth/emqx``: EMQX-style HTTP authentication (JSON or form body)
 
 Request bodies are read by hand, not through model binding, so every malformed request gets a
 4xx: 413 over :data:`MAX_BODY_BYTES`, 415 for another content type, 400 for anything that does
@@ -423,7 +423,12 @@ def register_broker_webhooks(
 
     @app.post(EMQX_PATH)
     async def emqx(request: Request) -> Response:
-        body = await read_json_object(request)
+        # EMQX sends JSON by default and a form when its authenticator is set up that way.
+        body: Mapping[str, Any]
+        if _media_type(request) == FORM_TYPE:
+            body = await read_form(request)
+        else:
+            body = await read_json_object(request)
         username = require_string(body, "username")
         password = require_string(body, "password")
         peer = body.get("peerhost")
