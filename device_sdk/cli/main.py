@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "device_sdk.cli.login",
     "device_sdk.cli.info",
     "device_sdk.cli.demo",
+    "device_sdk.cli.hil_agent",
 )
 
 EXIT_ERROR = 1
