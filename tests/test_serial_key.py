@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import termios
 import threading
 
 import jwt
@@ -273,3 +276,28 @@ def test_baud_mismatch_rejected(serial_simulator: Simulator) -> None:
 
     with pytest.raises(ConfigError, match="already open at 115200 baud in this process, not 9600"):
         open_key(f"serial:{serial_simulator.link}?baud=9600&slot=0")
+
+
+def test_simulator_pty_in_raw_mode(serial_simulator: Simulator) -> None:
+    descriptor = os.open(serial_simulator.pty_path, os.O_RDWR | os.O_NOCTTY)
+    try:
+        attributes = termios.tcgetattr(descriptor)
+    finally:
+        os.close(descriptor)
+
+    assert serial_simulator.pty_path.startswith("/dev/pts/")
+    assert attributes[3] & (termios.ECHO | termios.ICANON | termios.ISIG) == 0
+    assert attributes[1] & termios.OPOST == 0
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_simulator_stops_on_signal(serial_simulator: Simulator, signal_number: int) -> None:
+    process = serial_simulator.process
+    assert process is not None
+
+    os.kill(process.pid, signal_number)
+    status = process.wait(timeout=10)
+
+    assert status == 0
+    assert not serial_simulator.link.exists()
+    assert not serial_simulator.link.is_symlink()

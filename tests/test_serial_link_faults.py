@@ -17,7 +17,7 @@ from device_sdk.errors import SerialDeviceError, SerialLinkError, SerialTimeoutE
 from device_sdk.keys.serial_link import SerialLink
 from firmware_shim import protocol, simulator
 
-TIMEOUT = 0.5
+TIMEOUT = 1.0
 COUNTER_READ = bytes((0, protocol.COUNTER_READ))
 
 
