@@ -57,7 +57,6 @@ def _from_tpm() -> KeyChoice | None:
 
     default_uri = getattr(tpm, "default_key_uri", None)
     if default_uri is None:
-        # NOTE: the TPM backend offers no default key URI yet, so --auto cannot pick a TPM.
         logger.info("a TPM is present, but the TPM backend names no default key; skipping it")
         return None
     return KeyChoice(str(default_uri()), "the TPM", {})
