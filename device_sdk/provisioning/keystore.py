@@ -139,20 +139,24 @@ def check_software_key_allowed(
     """
     if allowed:
         return
-    software = (not key.hardware_backed) if key is not None else _module_is_softhsm(ref)
+    if key is None:
+        software = _module_is_softhsm(ref)
+        store = "a software key store (SoftHSM): its private key is a file on this host"
+    else:
+        software = not key.hardware_backed
+        store = f"a software key (backend {key.backend}), not held by hardware"
     if software:
         raise KeyPolicyError(
-            f"{ref.public_uri} is a software key store (SoftHSM): its private key is a file on "
-            "this host. Use a hardware token, or pass --allow-software-key for development and "
-            "tests; the device is then recorded as hardware_backed = false"
+            f"{ref.public_uri} is {store}. Use a hardware token, or pass --allow-software-key "
+            "for development and tests; the device is then recorded as hardware_backed = false"
         )
 
 
 def check_non_extractable(key: DeviceKey) -> None:
     """Raise KeyPolicyError unless the backend confirms the private key can never leave it."""
     if key.backend not in ("pkcs11", "softhsm"):
-        # NOTE: tpm2: and serial: keys are checked by their backend when opened; no attribute
-        # read is made here.
+        # The TPM backend checks fixedTPM, fixedParent and sensitiveDataOrigin when it opens a
+        # key. NOTE: a serial secure element reports no key attributes, so nothing is checked.
         return
     from device_sdk.keys import pkcs11
 
