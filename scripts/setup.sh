@@ -23,8 +23,11 @@ APT_PACKAGES=(
     swtpm-tools
     tpm2-tools
     tpm2-abrmd
+    libtss2-tcti-tabrmd0
     tpm2-openssl
     libtpm2-pkcs11-1
+    libtpm2-pkcs11-tools
+    python3-tpm2-pkcs11-tools
     dbus
     # tpm2-pytss (the tpm extra) has no wheels and builds against these.
     libtss2-dev

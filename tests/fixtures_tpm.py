@@ -41,19 +41,17 @@ def require_tpm_stack() -> None:
 
 
 def _free_port_pair() -> int:
-    """Return a port P where P and P+1 were both free on 127.0.0.1 (swtpm's server and control)."""
+    """Return a port P where P and P+1 are both free on 127.0.0.1 (swtpm's server and control)."""
+    from fixtures_services import free_port
+
     for _ in range(50):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
-            if port >= 65535:
+        port = free_port()
+        with socket.socket() as second:
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
                 continue
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return int(port)
+            return port
     raise RuntimeError("no two adjacent free TCP ports on 127.0.0.1 after 50 tries")
 
 
@@ -100,7 +98,7 @@ class Swtpm:
 
 
 def start_swtpm(state_dir: Path) -> Swtpm:
-    """Start swtpm on free loopback ports with its state in ``state_dir``; wait until it answers."""
+    """Start swtpm on free loopback ports with its state in ``state_dir``; wait until it accepts connections."""
     require_tpm_stack()
     state_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port_pair()
@@ -210,3 +208,104 @@ def swtpm_with_ek(
     instance = start_swtpm(base / "state")
     yield instance, ca
     instance.stop()
+
+
+@dataclass
+class Abrmd:
+    """tpm2-abrmd in front of its own swtpm, on a private D-Bus session bus."""
+
+    swtpm: Swtpm
+    bus_address: str
+    processes: list[subprocess.Popen[bytes]]
+    tcti: str = "tabrmd:bus_type=session"
+
+    def environment(self) -> dict[str, str]:
+        """Environment for a subprocess that reaches the TPM through this resource manager."""
+        env = dict(os.environ)
+        env["DBUS_SESSION_BUS_ADDRESS"] = self.bus_address
+        env["TPM2TOOLS_TCTI"] = self.tcti
+        return env
+
+    def stop(self) -> None:
+        from device_sdk.keys.tpm_connection import close_connections
+
+        close_connections()
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(timeout=5)
+        self.swtpm.stop()
+
+
+def _wait_for(probe: Callable[[], bool], what: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while not probe():
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} was not ready within {START_TIMEOUT} s")
+        time.sleep(0.05)
+
+
+def start_abrmd(directory: Path) -> Abrmd:
+    """Start swtpm, a private D-Bus session bus and tpm2-abrmd on it; wait until a command works."""
+    for binary, package in (
+        ("tpm2-abrmd", "tpm2-abrmd libtss2-tcti-tabrmd0"),
+        ("dbus-daemon", "dbus"),
+    ):
+        if shutil.which(binary) is None:
+            pytest.skip(f"{binary} is not installed; install it with: apt install {package}")
+    simulator = start_swtpm(directory / "swtpm")
+    bus_path = directory / "bus"
+    bus_address = f"unix:path={bus_path}"
+    processes: list[subprocess.Popen[bytes]] = []
+    abrmd = Abrmd(simulator, bus_address, processes)
+    try:
+        with open(directory / "dbus.log", "wb") as log:
+            dbus = subprocess.Popen(
+                [
+                    "dbus-daemon", "--config-file=/usr/share/dbus-1/session.conf", "--nofork",
+                    f"--address={bus_address}",
+                ],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        processes.append(dbus)
+        _wait_for(bus_path.exists, "dbus-daemon", dbus)
+
+        env = abrmd.environment()
+        with open(directory / "abrmd.log", "wb") as log:
+            daemon = subprocess.Popen(
+                [
+                    "tpm2-abrmd", "--session", "--allow-root", "--flush-all",
+                    f"--tcti={simulator.tcti}",
+                ],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+            )  # fmt: skip
+        processes.append(daemon)
+
+        def answers() -> bool:
+            probe = subprocess.run(
+                ["tpm2_getrandom", "--hex", "4"], capture_output=True, env=env, timeout=10
+            )
+            return probe.returncode == 0
+
+        _wait_for(answers, "tpm2-abrmd", daemon)
+    except BaseException:
+        abrmd.stop()
+        raise
+    return abrmd
+
+
+@pytest.fixture(scope="module")
+def tpm_abrmd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Abrmd]:
+    """tpm2-abrmd and its swtpm for a module; this process reaches it through ``abrmd.tcti``."""
+    require_tpm_stack()
+    abrmd = start_abrmd(tmp_path_factory.mktemp("abrmd"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DBUS_SESSION_BUS_ADDRESS", abrmd.bus_address)
+        yield abrmd
+    abrmd.stop()
