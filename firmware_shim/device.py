@@ -94,7 +94,17 @@ class Device:
             return protocol.encode_frame(
                 frame.seq, kind, exc.status, error_payload(exc.detail, exc.message)
             )
+        except Exception as exc:  # noqa: BLE001 - the firmware must keep serving after a fault
+            # An I2C error (OSError) or a bug in a handler: report it and keep the link alive.
+            self.report_internal_error(exc)
+            message = "%s: %s" % (type(exc).__name__, exc)
+            return protocol.encode_frame(
+                frame.seq, kind, protocol.INTERNAL_ERROR, error_payload(0, message)
+            )
         return protocol.encode_frame(frame.seq, kind, protocol.OK, payload)
+
+    def report_internal_error(self, error: Exception) -> None:
+        """Hook for an unexpected exception in a handler; the simulator logs it."""
 
     def _handlers(self) -> dict:
         return {
@@ -139,11 +149,11 @@ class Device:
         return bytes((flags,)) + self.element.public_key(slot)
 
     def generate_key(self, payload: bytes) -> bytes:
-        slot = self._slot(payload[:1], 1)
         if len(payload) != 3:
             raise SecureElementError(
                 protocol.BAD_ARGUMENT, "GENERATE_KEY takes 3 bytes: slot, algorithm, flags"
             )
+        slot = self._slot(payload[:1], 1)
         algorithm, flags = payload[1], payload[2]
         if algorithm != protocol.ALGORITHM_P256:
             raise SecureElementError(

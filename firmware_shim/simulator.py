@@ -33,7 +33,7 @@ from pathlib import Path
 from types import FrameType
 
 from firmware_shim import protocol
-from firmware_shim.device import CAPABILITIES, Device
+from firmware_shim.device import CAPABILITIES, Device, error_payload
 from firmware_shim.software_se import DEFAULT_SLOT_COUNT, SoftwareSecureElement
 
 logger = logging.getLogger("firmware_shim.simulator")
@@ -80,9 +80,11 @@ class FaultInjectingDevice(Device):
     def dispatch(self, frame: protocol.Frame) -> bytes:
         if frame.kind == protocol.FAULT and self.allow_faults:
             if len(frame.payload) != 1 or frame.payload[0] not in FAULT_NAMES:
-                message = f"FAULT takes one byte, one of {sorted(FAULT_NAMES)}".encode()
+                message = f"FAULT takes one byte, one of {sorted(FAULT_NAMES)}"
                 kind = frame.kind | protocol.REPLY_BIT
-                return protocol.encode_frame(frame.seq, kind, protocol.BAD_ARGUMENT, message)
+                return protocol.encode_frame(
+                    frame.seq, kind, protocol.BAD_ARGUMENT, error_payload(0, message)
+                )
             self._next_fault = frame.payload[0]
             logger.warning("fault injection: the next reply is a %s", FAULT_NAMES[self._next_fault])
             return protocol.encode_frame(
@@ -94,6 +96,9 @@ class FaultInjectingDevice(Device):
         if fault:
             return self._corrupt(fault, reply)
         return reply
+
+    def report_internal_error(self, error: Exception) -> None:
+        logger.error("command failed inside the simulator", exc_info=error)
 
     def _corrupt(self, fault: int, reply: bytes) -> bytes:
         body = protocol.cobs_decode(reply.strip(b"\x00"))

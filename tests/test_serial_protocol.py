@@ -350,3 +350,27 @@ def test_board_file_micropython_syntax(name: str) -> None:
         assert not isinstance(node, ast.AsyncFunctionDef), f"{name}:{line}: async def"
         if isinstance(node, ast.Attribute):
             assert node.attr not in {"hex", "fromhex"}, f"{name}:{line}: bytes.{node.attr}"
+
+
+class FailingElement(SoftwareSecureElement):
+    """A software element whose I2C bus fails on the first signature."""
+
+    def sign(self, slot: int, digest: bytes) -> bytes:
+        raise OSError(5, "I2C bus error")
+
+
+def test_device_reports_internal_error(tmp_path: Path) -> None:
+    element = FailingElement(tmp_path)
+    element.generate(0)
+    device = Device(element)
+
+    (failed,) = device.receive(
+        protocol.encode_frame(3, protocol.SIGN_DIGEST, 0, b"\x00" + bytes(32)), 0
+    )
+    (hello,) = device.receive(protocol.encode_frame(4, protocol.HELLO, 0, b""), 1)
+
+    frame = protocol.decode_body(failed[1:-1])
+    assert frame.seq == 3
+    assert frame.status == protocol.INTERNAL_ERROR
+    assert frame.payload[1:] == b"OSError: [Errno 5] I2C bus error"
+    assert protocol.decode_body(hello[1:-1]).status == protocol.OK
