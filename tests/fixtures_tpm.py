@@ -98,7 +98,7 @@ class Swtpm:
 
 
 def start_swtpm(state_dir: Path) -> Swtpm:
-    """Start swtpm on free loopback ports with its state in ``state_dir``; wait until it accepts connections."""
+    """Start swtpm on free loopback ports with its state in ``state_dir``, and wait for it."""
     require_tpm_stack()
     state_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port_pair()
