@@ -1,10 +1,10 @@
 """Driver for a Microchip ATECC608 secure element on I2C, for MicroPython boards.
 
 NOTE: this driver was written from the ATECC608A datasheet and Microchip's cryptoauthlib
-conventions as remembered, and has never run on hardware. Only its packet CRC and packet layout
-are tested, on CPython. Checked against no chip: the wake timing, the opcodes and modes below,
-the maximum execution times, and the config zone offsets used for the serial number and the
-SlotLocked bits.
+conventions as remembered, and has never run on hardware. On CPython, its packet CRC matches
+published vectors and its code paths run against a fake bus that follows the same reading of
+the datasheet. Checked against no chip: the wake timing, the opcodes and modes below, the
+maximum execution times, and the config zone offsets of the serial number and SlotLocked bits.
 
 It expects a chip whose config and data zones are already locked, with P-256 private key slots
 that allow GenKey and Sign of external messages (for example Microchip's TrustFLEX layout). It
