@@ -228,9 +228,10 @@ def test_device_any_request_answered(device: Device, kind: int, payload: bytes) 
 class ScriptedPort:
     """A fake serial port: replies to HELLO properly, then sends scripted bytes for any request."""
 
-    def __init__(self, script: bytes, device: Device) -> None:
+    def __init__(self, script: bytes, device: Device, chunk_size: int = 4096) -> None:
         self.timeout: float | None = 0
         self.script = script
+        self.chunk_size = chunk_size
         self.device = device
         self.reader = protocol.FrameReader()
         self.queue: deque[bytes] = deque()
@@ -244,6 +245,7 @@ class ScriptedPort:
             # Nothing more will come: let the caller's deadline run out without a busy loop.
             time.sleep(min(self.timeout or 0, 0.005))
             return b""
+        size = min(size, self.chunk_size)
         chunk = self.queue.popleft()
         if len(chunk) > size:
             self.queue.appendleft(chunk[size:])
@@ -276,9 +278,10 @@ def _body(frame: protocol.Frame) -> bytes:
     reply_status=st.integers(0, 255),
     reply_payload=st.binary(max_size=20),
     append_reply=st.booleans(),
+    chunk_size=st.integers(1, 64),
 )
 def test_host_any_reply_no_crash(
-    garbage: bytes, reply_status: int, reply_payload: bytes, append_reply: bool
+    garbage: bytes, reply_status: int, reply_payload: bytes, append_reply: bool, chunk_size: int
 ) -> None:
     """The host side of the link: any bytes give a result or a SerialLinkError, in time."""
     element_dir = tempfile.TemporaryDirectory()
@@ -289,7 +292,9 @@ def test_host_any_reply_no_crash(
         script += protocol.encode_frame(
             2, protocol.COUNTER | protocol.REPLY_BIT, reply_status, reply_payload
         )
-    link = SerialLink("/dev/fake", timeout=0.05, port_factory=lambda: ScriptedPort(script, device))
+    link = SerialLink(
+        "/dev/fake", timeout=0.05, port_factory=lambda: ScriptedPort(script, device, chunk_size)
+    )
 
     started = time.monotonic()
     try:
@@ -374,3 +379,14 @@ def test_device_reports_internal_error(tmp_path: Path) -> None:
     assert frame.status == protocol.INTERNAL_ERROR
     assert frame.payload[1:] == b"OSError: [Errno 5] I2C bus error"
     assert protocol.decode_body(hello[1:-1]).status == protocol.OK
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 17])
+def test_host_joins_partial_reads(chunk_size: int, tmp_path: Path) -> None:
+    device = Device(SoftwareSecureElement(tmp_path))
+    reply = protocol.encode_frame(2, protocol.COUNTER | protocol.REPLY_BIT, 0, b"\x00\x00\x01\x02")
+    link = SerialLink(
+        "/dev/fake", timeout=1.0, port_factory=lambda: ScriptedPort(reply, device, chunk_size)
+    )
+
+    assert link.request(protocol.COUNTER, b"\x00\x00") == b"\x00\x00\x01\x02"
