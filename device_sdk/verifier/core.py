@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import jwt
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -27,9 +25,9 @@ from device_sdk.auth.challenge import NONCE_BYTES, Challenge
 from device_sdk.auth.encoding import b64url_decode, b64url_encode
 from device_sdk.auth.flows import MAX_NONCELESS_LIFETIME
 from device_sdk.errors import ProtocolError, VerificationError
-from device_sdk.keys.base import compute_device_id
 from device_sdk.verifier.audit import log_decision
 from device_sdk.verifier.config import VerifierConfig
+from device_sdk.verifier.enrollment import record_from_csr
 from device_sdk.verifier.jws import parse_compact_jws
 from device_sdk.verifier.ratelimit import TokenBucketLimiter
 from device_sdk.verifier.registry import (
@@ -43,13 +41,11 @@ from device_sdk.verifier.registry import (
 from device_sdk.verifier.signatures import (
     PublicKey,
     SignatureCheck,
-    algorithm_for_public_key,
     signature_check,
 )
 from device_sdk.verifier.stores import ChallengeStore, RedisChallengeStore, SQLiteChallengeStore
 from device_sdk.verifier.tokens import (
-    ACCESS_TOKEN_ALGORITHM,
-    ACCESS_TOKEN_TYPE,
+    decode_access_token,
     load_or_create_signing_key,
     public_jwk,
     sign_access_token,
@@ -59,8 +55,6 @@ AudienceKind = Literal["http", "mqtt"]
 
 # A device id is unpadded base64url of a SHA-256 digest: exactly 43 characters.
 _DEVICE_ID = re.compile(r"[A-Za-z0-9_-]{43}")
-_BACKEND = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
-MAX_CSR_BYTES = 16384
 ENROLLMENT_TOKEN_BYTES = 32
 _KEY_CACHE_SIZE = 10_000
 
@@ -513,32 +507,14 @@ class Verifier:
         :class:`VerificationError` (``malformed``, ``bad_type``, ``bad_signature``, ``expired``,
         ``wrong_audience``, ``unknown_device``, ``revoked_device``).
         """
-        if not isinstance(token, str) or len(token) > self.config.max_assertion_bytes:
-            raise VerificationError("malformed", "access token is not a string of sane length")
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.InvalidTokenError:
-            raise VerificationError("malformed", "access token header does not parse") from None
-        if header.get("typ") != ACCESS_TOKEN_TYPE or header.get("kid") != self._jwk["kid"]:
-            raise VerificationError("bad_type", "not an access token of this verifier")
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                self._signing_key.public_key(),
-                algorithms=[ACCESS_TOKEN_ALGORITHM],
-                audience=self.config.issuer,
-                issuer=self.config.issuer,
-                leeway=self.config.leeway,
-                options={"require": ["exp", "iat", "sub", "jti"]},
-            )
-        except jwt.ExpiredSignatureError:
-            raise VerificationError("expired", "access token expired") from None
-        except jwt.InvalidAudienceError:
-            raise VerificationError("wrong_audience", "access token audience") from None
-        except jwt.InvalidSignatureError:
-            raise VerificationError("bad_signature", "access token signature") from None
-        except jwt.InvalidTokenError as exc:
-            raise VerificationError("malformed", f"access token: {type(exc).__name__}") from None
+        claims = decode_access_token(
+            token,
+            self._signing_key.public_key(),
+            kid=self._jwk["kid"],
+            issuer=self.config.issuer,
+            leeway=self.config.leeway,
+            max_length=self.config.max_assertion_bytes,
+        )
         self._active_record(str(claims["sub"]))
         return claims
 
@@ -590,7 +566,9 @@ class Verifier:
         """
         device_id = None
         try:
-            record = self._record_from_csr(csr_pem, backend, hardware_backed)
+            record = record_from_csr(
+                csr_pem, backend, hardware_backed, self.config.algorithms, self.now()
+            )
             device_id = record.device_id
             if not isinstance(enrollment_token, str) or not enrollment_token:
                 raise VerificationError("enrollment_token_invalid", "enrollment token is empty")
@@ -617,44 +595,6 @@ class Verifier:
             hardware_backed=stored.hardware_backed,
         )
         return stored, created
-
-    def _record_from_csr(
-        self, csr_pem: str | bytes, backend: str, hardware_backed: bool
-    ) -> DeviceRecord:
-        if isinstance(csr_pem, str):
-            csr_pem = csr_pem.encode("utf-8")
-        if not isinstance(csr_pem, bytes) or len(csr_pem) > MAX_CSR_BYTES:
-            raise VerificationError(
-                "bad_csr", f"CSR is not PEM text of at most {MAX_CSR_BYTES} bytes"
-            )
-        if not isinstance(backend, str) or not _BACKEND.fullmatch(backend):
-            raise VerificationError("bad_csr", "backend is not a short lowercase name")
-        if not isinstance(hardware_backed, bool):
-            raise VerificationError("bad_csr", "hardware_backed is not a boolean")
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-            public_key = csr.public_key()
-            signature_valid = csr.is_signature_valid
-        except (ValueError, TypeError):
-            raise VerificationError("bad_csr", "CSR does not parse") from None
-        if not signature_valid:
-            raise VerificationError("bad_csr", "CSR signature does not verify with its key")
-
-        algorithm = algorithm_for_public_key(public_key)
-        if algorithm not in self.config.algorithms:
-            raise VerificationError("unsupported_algorithm", f"{algorithm} keys are not allowed")
-        public_pem = public_key.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode("ascii")
-        return DeviceRecord(
-            device_id=compute_device_id(public_key),  # type: ignore[arg-type]
-            algorithm=algorithm,
-            public_key_pem=public_pem,
-            status=ACTIVE,
-            backend=backend,
-            hardware_backed=hardware_backed,
-            enrolled_at=self.now(),
-        )
 
     def get_device(self, device_id: str) -> DeviceRecord | None:
         """Return a device record, or None if the device was never enrolled."""

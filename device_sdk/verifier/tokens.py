@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sdk.auth.encoding import b64url_encode
-from device_sdk.errors import ConfigError
+from device_sdk.errors import ConfigError, VerificationError
 
 logger = logging.getLogger(__name__)
 
@@ -89,3 +89,49 @@ def sign_access_token(key: ec.EllipticCurvePrivateKey, kid: str, claims: dict[st
     """Sign access-token claims as an ES256 JWT with ``typ`` ``at+jwt``."""
     headers = {"typ": ACCESS_TOKEN_TYPE, "kid": kid}
     return jwt.encode(claims, key, algorithm=ACCESS_TOKEN_ALGORITHM, headers=headers)
+
+
+def decode_access_token(
+    token: str,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    kid: str,
+    issuer: str,
+    leeway: int,
+    max_length: int,
+) -> dict[str, Any]:
+    """Check an access token's header, signature, issuer, audience and times; return its claims.
+
+    Raises :class:`VerificationError` with ``malformed``, ``bad_type`` (not an ``at+jwt`` with
+    this ``kid``), ``bad_signature``, ``expired`` or ``wrong_audience``.
+    """
+    if not isinstance(token, str) or len(token) > max_length:
+        raise VerificationError(
+            "malformed", f"access token is not a string of at most {max_length}"
+        )
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.InvalidTokenError:
+        raise VerificationError("malformed", "access token header does not parse") from None
+    if header.get("typ") != ACCESS_TOKEN_TYPE or header.get("kid") != kid:
+        raise VerificationError("bad_type", "not an access token of this verifier")
+
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            public_key,
+            algorithms=[ACCESS_TOKEN_ALGORITHM],
+            audience=issuer,
+            issuer=issuer,
+            leeway=leeway,
+            options={"require": ["exp", "iat", "sub", "jti"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise VerificationError("expired", "access token expired") from None
+    except jwt.InvalidAudienceError:
+        raise VerificationError("wrong_audience", "access token audience") from None
+    except jwt.InvalidSignatureError:
+        raise VerificationError("bad_signature", "access token signature") from None
+    except jwt.InvalidTokenError as exc:
+        raise VerificationError("malformed", f"access token: {type(exc).__name__}") from None
+    return claims
