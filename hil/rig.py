@@ -236,7 +236,7 @@ class Rig:
         transport = transport_for(device, env)
         switch: PowerControl | None = power_control(device)
         if sim is not None and device.power.kind == "sim":
-            switch = CallbackSwitch(device, sim.stop, sim.start)
+            switch = CallbackSwitch(device, sim.cut_power, sim.start)
         handle = DeviceHandle(device, transport, workdir, self, sim=sim, switch=switch)
         transport.write_file(f"{workdir}/ca.pem", self.services.pki.ca.read_bytes(), 0o644)
         return handle

@@ -1,9 +1,10 @@
 """Simulated devices for the simulated bench: a SoftHSM token, swtpm, the firmware-shim simulator.
 
 Each simulator keeps its state in a directory, so stopping and starting its process is a power
-cycle that keeps the keys, and erasing the directory is a factory reset. ``power off`` stops the
-process (swtpm, the firmware-shim simulator); a SoftHSM token has no process of its own, so its
-power cut is the cut of the host processes that use it, which the scenarios do themselves.
+cycle that keeps the keys, and erasing the directory is a factory reset. ``power off`` kills the
+process (swtpm, the firmware-shim simulator) with SIGKILL, so it cannot flush or close anything;
+a SoftHSM token has no process of its own, so its power cut is the kill of the host processes
+that use it, which the scenarios do themselves.
 """
 
 from __future__ import annotations
@@ -58,12 +59,20 @@ class SimulatedDevice:
         self.state_dir.mkdir(parents=True, exist_ok=True)
 
     def stop(self) -> None:
+        """Stop the simulator cleanly (SIGTERM), as a shutdown before a reset would."""
+        self._end(signal.SIGTERM)
+
+    def cut_power(self) -> None:
+        """Kill the simulator with SIGKILL: no chance to flush or close, as in a power cut."""
+        self._end(signal.SIGKILL)
+
+    def _end(self, signum: int) -> None:
         process = self.process
         if process is None:
             return
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
+                os.killpg(process.pid, signum)
             try:
                 process.wait(timeout=STOP_TIMEOUT)
             except subprocess.TimeoutExpired:

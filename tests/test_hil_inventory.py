@@ -85,7 +85,9 @@ def test_typo_in_device_field(tmp_path: Path) -> None:
 def test_typo_in_capability(tmp_path: Path) -> None:
     message = error_for(tmp_path, GOOD_DEVICE.replace("unplug = false", "unplugg = false"))
 
-    assert message == "device 'pi-01': capabilities: unknown field 'unplugg'; did you mean 'unplug'?"
+    assert message == (
+        "device 'pi-01': capabilities: unknown field 'unplugg'; did you mean 'unplug'?"
+    )
 
 
 def test_missing_key_field(tmp_path: Path) -> None:
@@ -159,7 +161,8 @@ def test_ssh_access_without_user(tmp_path: Path) -> None:
 
 
 def test_access_missing(tmp_path: Path) -> None:
-    text = GOOD_DEVICE.replace('access = { kind = "ssh", host = "pi-01.invalid", user = "pi" }\n', "")
+    access = 'access = { kind = "ssh", host = "pi-01.invalid", user = "pi" }\n'
+    text = GOOD_DEVICE.replace(access, "")
 
     assert error_for(tmp_path, text) == (
         "device 'pi-01': missing field 'access' (\"local\" or an ssh table)"

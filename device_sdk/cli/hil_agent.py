@@ -150,11 +150,15 @@ class Agent:
 
     def keys(self, request: dict[str, Any]) -> dict[str, Any]:
         scheme = self.key_uri.partition(":")[0].lower()
-        if scheme != "pkcs11":
-            # NOTE: listing keys on a TPM or a serial secure element is not implemented; the rig
-            # treats such a device as in use only when the configured key itself opens.
+        listers = {
+            "pkcs11": _pkcs11_private_key_labels,
+            "tpm2": _tpm_persistent_handles,
+            "serial": _serial_used_slots,
+        }
+        lister = listers.get(scheme)
+        if lister is None:
             return {"supported": False, "scheme": scheme, "labels": []}
-        labels = _pkcs11_private_key_labels(self.key_uri)
+        labels = lister(self.key_uri)
         return {"supported": True, "scheme": scheme, "count": len(labels), "labels": labels}
 
     def http_login(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -346,6 +350,56 @@ def _pkcs11_private_key_labels(uri: str) -> list[str]:
         state = token_for(module, token_criteria, lambda: read_pin(parsed))
         objects = find_objects(state, {Attribute.CLASS: ObjectClass.PRIVATE_KEY}, "C_FindObjects")
         return sorted(str(read_attribute(obj, Attribute.LABEL) or "") for obj in objects)
+
+
+# Owner-range persistent handles (TCG Provisioning Guidance); the endorsement (0x8101xxxx) and
+# platform (0x818xxxxx) ranges hold keys the SDK never creates.
+TPM_OWNER_PERSISTENT_FIRST = 0x81000000
+TPM_OWNER_PERSISTENT_LAST = 0x8100FFFF
+
+
+def _tpm_persistent_handles(uri: str) -> list[str]:
+    """Return the owner-range persistent handles in the TPM that the URI names, as hex."""
+    from tpm2_pytss.constants import TPM2_CAP
+
+    from device_sdk.keys.tpm_connection import connection_for, resolve_tcti
+    from device_sdk.keys.uri import Tpm2URI
+
+    parsed = Tpm2URI.parse(uri)
+    connection = connection_for(resolve_tcti(parsed.tcti))
+    handles: list[int] = []
+    with connection.lock:
+        _, data = connection.call(
+            "TPM2_GetCapability",
+            connection.context.get_capability,
+            TPM2_CAP.HANDLES,
+            TPM_OWNER_PERSISTENT_FIRST,
+            256,
+        )
+    handles = [int(handle) for handle in data.data.handles]
+    return [
+        f"0x{handle:08x}"
+        for handle in handles
+        if TPM_OWNER_PERSISTENT_FIRST <= handle <= TPM_OWNER_PERSISTENT_LAST
+    ]
+
+
+def _serial_used_slots(uri: str) -> list[str]:
+    """Return the secure element slots that hold a key, probing each slot the firmware has."""
+    from device_sdk.errors import KeyNotFoundError
+    from device_sdk.keys import serial
+    from device_sdk.keys.uri import SerialURI
+
+    parsed = SerialURI.parse(uri)
+    used: list[str] = []
+    for slot in range(serial.device_info(parsed).slot_count):
+        probe = SerialURI(device=parsed.device, baud=parsed.baud, slot=slot)
+        try:
+            serial.open_key(probe)
+        except KeyNotFoundError:
+            continue
+        used.append(f"slot {slot}")
+    return used
 
 
 def run(args: argparse.Namespace) -> int:
