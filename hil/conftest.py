@@ -1,7 +1,7 @@
 """pytest plugin of the hardware-in-the-loop rig: ``pytest hil --rig rig.toml``.
 
 Options: ``--rig`` (the inventory, required), ``--report-dir`` (JUnit XML, JSON, Markdown and
-the latency plot; default ``hil-report``), ``--sign-count`` and ``--connect-count``.
+the latency plot; default ``reports/hil``), ``--sign-count`` and ``--connect-count``.
 
 Every scenario that takes the ``device`` fixture runs once per inventory device. A scenario marked
 ``@pytest.mark.needs("power")`` is skipped on a device without that capability, and the skip
@@ -45,9 +45,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--report-dir",
         metavar="DIR",
-        default="hil-report",
+        default="reports/hil",
         help="directory for junit.xml, report.json, report.md and latency.svg "
-        "(default: hil-report)",
+        "(default: reports/hil)",
     )
     group.addoption(
         "--sign-count",
