@@ -283,6 +283,17 @@ class TpmSigner:
         self.source = source
         self.public_area = public_area
         self.location = location
+        # Built once: cffi structures cost more to make than a sign on swtpm can spare.
+        self._ecdsa_schemes: dict[int, TPMT_SIG_SCHEME] = {}
+        self._width = 0
+        if int(public_area.type) == int(TPM2_ALG.ECC):
+            curve = int(public_area.parameters.eccDetail.curveID)
+            bits = {int(TPM2_ECC.NIST_P256): 256, int(TPM2_ECC.NIST_P384): 384}.get(curve, 521)
+            self._width = (bits + 7) // 8
+            for size, hash_alg in _HASH_BY_DIGEST_SIZE.items():
+                scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
+                scheme.details.ecdsa.hashAlg = hash_alg
+                self._ecdsa_schemes[size] = scheme
 
     def run(self, command: str, function: Any, *args: Any) -> Any:
         """Run ``function(key_handle, *args)`` under the connection lock with the key loaded."""
@@ -295,24 +306,18 @@ class TpmSigner:
                 return connection.call(command, function, handle, *args)
 
     def sign_ecdsa_digest(self, digest: bytes) -> bytes:
-        hash_alg = _HASH_BY_DIGEST_SIZE.get(len(digest))
-        if hash_alg is None:
+        scheme = self._ecdsa_schemes.get(len(digest))
+        if scheme is None:
             raise UnsupportedAlgorithm(
                 f"a {len(digest)}-byte digest has no TPM hash; use SHA-256, SHA-384 or SHA-512"
             )
-        scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
-        scheme.details.ecdsa.hashAlg = hash_alg
         signature = self.run("TPM2_Sign", self.connection.context.sign, digest, scheme)
 
         # The TPM returns r and s as TPM2B_ECC_PARAMETER, possibly without leading zeros.
-        width = (self._ecc_key_bits() + 7) // 8
-        r = int.from_bytes(bytes(signature.signature.ecdsa.signatureR), "big")
-        s = int.from_bytes(bytes(signature.signature.ecdsa.signatureS), "big")
-        return r.to_bytes(width, "big") + s.to_bytes(width, "big")
-
-    def _ecc_key_bits(self) -> int:
-        curve = int(self.public_area.parameters.eccDetail.curveID)
-        return {int(TPM2_ECC.NIST_P256): 256, int(TPM2_ECC.NIST_P384): 384}.get(curve, 521)
+        ecdsa = signature.signature.ecdsa
+        r = int.from_bytes(bytes(ecdsa.signatureR), "big")
+        s = int.from_bytes(bytes(ecdsa.signatureS), "big")
+        return r.to_bytes(self._width, "big") + s.to_bytes(self._width, "big")
 
     def sign_eddsa(self, data: bytes) -> bytes:
         raise UnsupportedAlgorithm(f"{self.location} is not an Ed25519 key; TPM 2.0 has no EdDSA")
