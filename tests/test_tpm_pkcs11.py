@@ -184,9 +184,10 @@ GENERATOR = textwrap.dedent(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="tpm2-pkcs11 1.9.0 fails C_GenerateKeyPair for P-256 from python-pkcs11 with "
-    "CKR_GENERAL_ERROR ('User specified and TPM specified attr mismatch: 0x10a'), even with "
-    "minimal templates; make keys with tpm2_ptool addkey",
+    reason="tpm2-pkcs11 1.9.0 makes every P-256 key sign-and-decrypt and rejects a template that "
+    "disagrees: CKR_GENERAL_ERROR with 'User specified and TPM specified attr mismatch' for "
+    "CKA_VERIFY (0x10a, python-pkcs11 puts VERIFY=false in the private template) and then "
+    "CKA_DECRYPT (0x105, the backend asks for DECRYPT=false); make keys with tpm2_ptool addkey",
 )
 def test_pkcs11_backend_generates_on_tpm_token(tpm_token: TpmToken) -> None:
     uri = tpm_token.key_uri.replace("object=device-key;type=private", "object=made-by-sdk")
@@ -205,3 +206,4 @@ def test_pkcs11_backend_generates_on_tpm_token(tpm_token: TpmToken) -> None:
     assert policy["extractable"] is False
     assert policy["never_extractable"] is True
     assert policy["always_sensitive"] is True
+
