@@ -68,7 +68,7 @@ class InventoryError(ConfigError):
 
 @dataclass(frozen=True)
 class Access:
-    """How the rig runs ``device-sdk`` for a device: on this host, or over SSH."""
+    """Access to a device: ``device-sdk`` runs on this host, or over SSH on ``host``."""
 
     kind: str = "local"
     host: str | None = None
@@ -80,7 +80,7 @@ class Access:
 
 @dataclass(frozen=True)
 class Console:
-    """A serial console of the device, kept in the report for whoever debugs a failure."""
+    """A serial console of the device, listed in the report for debugging a failure."""
 
     port: str
     baud: int = DEFAULT_BAUD
@@ -88,7 +88,7 @@ class Console:
 
 @dataclass(frozen=True)
 class Power:
-    """How the rig switches the device (or its token) off and on.
+    """Power control that switches the device (or its token) off and on.
 
     ``command``: ``on`` and ``off`` are shell commands run on the rig host. ``usb-relay``: a
     serial relay board on ``port``, relay ``channel`` (numbered from 1). ``uhubctl``: the USB hub
@@ -113,7 +113,7 @@ class Power:
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What the device can do; each scenario names the capability it needs."""
+    """Capabilities of the device; each scenario names the capability it needs."""
 
     algorithms: tuple[str, ...] = ("ec-p256",)
     attestation: bool = False
@@ -166,7 +166,7 @@ class Device:
 
 @dataclass(frozen=True)
 class Services:
-    """Where the rig's own verifier and broker listen, and the address devices use for them."""
+    """Listen address of the rig's verifier and broker, and the address devices use for them."""
 
     listen: str = "127.0.0.1"
     advertise: str = "127.0.0.1"

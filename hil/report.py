@@ -1,6 +1,6 @@
 """The rig report: ``report.json``, ``report.md`` and ``latency.svg`` beside pytest's ``junit.xml``.
 
-``report.json`` holds every device's scenario outcomes and measurements. ``report.md`` has one
+``report.json`` contains every device's scenario outcomes and measurements. ``report.md`` has one
 table row per device with each scenario's outcome and the latency figures, then the reason of
 every skip and failure. ``latency.svg`` draws, per device, sign and MQTT connect latency on a
 logarithmic millisecond axis: a bar from the median to the 95th percentile, and a line from
@@ -56,6 +56,7 @@ def _summary_document(rig: Rig) -> dict[str, Any]:
                 else device.key,
                 "access": device.access.kind,
                 "power": device.power.kind,
+                "console": device.console.port if device.console else None,
                 "disposable": device.disposable,
                 "capabilities": {
                     "algorithms": list(device.capabilities.algorithms),

@@ -32,7 +32,7 @@ DEFAULT_CONNECT_COUNT = 10
 
 
 class DeviceInUseError(RuntimeError):
-    """A destructive scenario met a token that holds keys on a device not marked disposable."""
+    """A destructive scenario found keys on the token of a device not marked disposable."""
 
 
 @dataclass
@@ -48,7 +48,7 @@ class ProvisionRun:
 
 @dataclass
 class DeviceHandle:
-    """What the scenarios need for one device during a rig run."""
+    """One device during a rig run: its transport, simulator, power switch and provisioning."""
 
     device: Device
     transport: Transport
@@ -104,12 +104,12 @@ class DeviceHandle:
     # --- destructive steps --------------------------------------------------------------------
 
     def require_blank(self) -> None:
-        """Make sure the token holds no keys: erase a disposable device, refuse any other."""
+        """Ensure the token contains no keys: erase a disposable device, raise for any other."""
         labels = self.key_labels()
         in_use = bool(labels) if labels is not None else self.key_opens()
         if not in_use:
             return
-        held = f"holds keys {labels}" if labels else "holds the configured key"
+        held = f"contains keys {labels}" if labels else "contains the configured key"
         if not self.device.disposable:
             raise DeviceInUseError(
                 f"device {self.name}: the token {held} and the device is not marked disposable; "

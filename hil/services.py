@@ -174,7 +174,7 @@ class RigServices:
 
     def start_broker(self) -> None:
         # NOTE: the demo broker binds 127.0.0.1 only, so boards on the bench LAN cannot reach
-        # it yet; a bench with SSH devices needs a broker option for the listen address.
+        # it yet. A bench with SSH devices needs a broker option for the listen address.
         argv = [sys.executable, "-m", "device_sdk.cli.demo_broker", "--db", str(self.database)]
         argv += ["--issuer", self.verifier_url, "--issuer-cert", str(self.pki.verifier_cert)]
         argv += ["--port", str(self.broker_port), "--audience", self.broker_url]

@@ -2,9 +2,9 @@
 
 Each simulator keeps its state in a directory, so stopping and starting its process is a power
 cycle that keeps the keys, and erasing the directory is a factory reset. ``power off`` kills the
-process (swtpm, the firmware-shim simulator) with SIGKILL, so it cannot flush or close anything;
-a SoftHSM token has no process of its own, so its power cut is the kill of the host processes
-that use it, which the scenarios do themselves.
+process (swtpm, the firmware-shim simulator) with SIGKILL, so it cannot flush or close anything.
+A SoftHSM token has no process of its own. Its power cut is the kill of the host processes that
+use it, which the scenarios do themselves.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ DEVICE_ID = re.compile(r"provisioned device ([A-Za-z0-9_-]{43})")
 
 
 def _provision_fresh(device: DeviceHandle, rig: Rig) -> ProvisionRun:
-    """Erase a disposable device if its token holds keys, then provision it from scratch."""
+    """Erase a disposable device if its token contains keys, then provision it from scratch."""
     try:
         device.require_blank()
     except DeviceInUseError as exc:
@@ -70,7 +70,7 @@ def test_provision(device: DeviceHandle) -> None:
     assert _registry_ids(rig).count(device.device_id) == 1
     labels = device.key_labels()
     if labels is not None:
-        assert len(labels) == 1, f"the token holds {labels} after one provisioning"
+        assert len(labels) == 1, f"the token contains {labels} after one provisioning"
 
 
 def test_http_login(provisioned: DeviceHandle) -> None:
@@ -243,6 +243,6 @@ def test_power_cut_during_provisioning(device: DeviceHandle, cut_after: str) -> 
     assert registry_after.count(device.device_id) == 1
     assert len(registry_after) == len(registry_before) + 1
     if labels is not None:
-        assert len(labels) == 1, f"the token holds {labels} after the resumed run"
+        assert len(labels) == 1, f"the token contains {labels} after the resumed run"
     else:
         assert device.key_opens()

@@ -1,4 +1,4 @@
-"""How the rig runs ``device-sdk`` for a device: as a local process, or over SSH on a board.
+"""Command transports that run ``device-sdk`` for a device: locally, or over SSH on a board.
 
 Both transports run the same commands (``device-sdk provision``, ``device-sdk hil-agent``), so
 a simulated device on the rig host and a Raspberry Pi on the bench go through one code path.
@@ -40,7 +40,7 @@ AGENT_REPLY_TIMEOUT = 120.0
 
 
 class TransportError(RuntimeError):
-    """A command for a device could not be run, or its agent stopped answering."""
+    """A command for a device could not be run, or its agent stopped replying."""
 
 
 class Transport:

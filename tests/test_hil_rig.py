@@ -55,7 +55,7 @@ def test_destructive_scenario_refuses_device_in_use(tmp_path: Path) -> None:
     assert result.returncode == 0, output
     assert "2 passed, 2 skipped" in result.stdout, output
     assert (
-        "refused: device token-in-use: the token holds keys ['device-key'] and the device is "
+        "refused: device token-in-use: the token contains keys ['device-key'] and the device is "
         "not marked disposable; set disposable = true in the inventory to let the rig erase it"
     ) in result.stdout
 

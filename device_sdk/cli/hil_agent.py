@@ -1,8 +1,8 @@
 """``device-sdk hil-agent``: a line-oriented JSON service that a test rig drives on a device.
 
 The hardware-in-the-loop rig (``hil/``) starts this command on the device, locally or over SSH,
-and sends one JSON object per line on standard input; the agent answers each with one JSON object
-per line on standard output. Operations:
+and sends one JSON object per line on standard input. The agent writes one JSON reply per
+request, one per line, on standard output. Operations:
 
 - ``{"op": "hello"}``: the key's device_id, backend, algorithm and whether it is hardware-backed.
 - ``{"op": "sign", "count": N}``: sign N random messages; latencies in milliseconds.
@@ -14,7 +14,7 @@ per line on standard output. Operations:
 - ``{"op": "quit"}``.
 
 The key stays open between operations, so a token unplugged and plugged back between two
-``sign`` operations exercises the backend's own recovery. A failed operation answers
+``sign`` operations exercises the backend's own recovery. A failed operation gets the reply
 ``{"ok": false, "error": ..., "error_type": ...}`` and the agent keeps serving. The agent never
 prints a PIN or a token: errors come from :class:`~device_sdk.errors.DeviceSDKError` messages,
 which exclude them.
