@@ -76,6 +76,8 @@ def _reject_constant(name: str) -> Any:
 _STRICT_DECODER = json.JSONDecoder(
     object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant
 )
+# JSONDecoder.__init__ sets scan_once (CPython json/decoder.py), but typeshed does not declare it.
+_SCAN_ONCE: Any = _STRICT_DECODER.scan_once  # type: ignore[attr-defined]
 
 
 def loads_json_object(data: bytes | str) -> dict[str, Any]:
@@ -90,7 +92,7 @@ def loads_json_object(data: bytes | str) -> dict[str, Any]:
         # Surrounding whitespace, trailing data and syntax errors go through the full decoder,
         # which accepts the first and reports the others with their position.
         try:
-            value, end = _STRICT_DECODER.scan_once(data, 0)
+            value, end = _SCAN_ONCE(data, 0)
         except StopIteration:
             end = -1
         if end != len(data):
