@@ -915,7 +915,7 @@ class UvicornFactory:
         """Serve ``module:attribute`` with ``python -m uvicorn``, over TLS when ``tls`` is given."""
         port = port or free_port()
         argv = [sys.executable, "-m", "uvicorn", target, "--host", HOST, "--port", str(port),
-                "--no-access-log", "--log-level", "warning"]
+                "--no-access-log", "--log-level", "warning", "--timeout-graceful-shutdown", "2"]
         if factory:
             argv.append("--factory")
         if tls is not None:

@@ -236,6 +236,9 @@ def build_config(args: argparse.Namespace) -> Any:
     return VerifierConfig(**settings)
 
 
+SHUTDOWN_TIMEOUT_S = 5
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -265,6 +268,9 @@ def run_serve(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             access_log=args.log_level == "debug",
             log_config=None,
+            # Without a limit, one idle keep-alive connection (TLS included) holds a SIGTERM'd
+            # server for as long as the client keeps it open.
+            timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
         )
     finally:
         verifier.close()
