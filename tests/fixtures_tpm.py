@@ -61,7 +61,7 @@ class Swtpm:
 
     port: int
     state_dir: Path
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | None
     log_path: Path
 
     @property
@@ -88,47 +88,56 @@ class Swtpm:
 
         # Connections to a stopped simulator would fail on their next use.
         close_connections()
-        if self.process.poll() is None:
-            self.process.terminate()
+        self.stop_process()
+
+    def stop_process(self) -> None:
+        """Stop swtpm by its PID and leave this process's TPM connections as they are."""
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.terminate()
             try:
-                self.process.wait(timeout=5)
+                process.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+                process.kill()
+                process.wait(timeout=5)
+
+    def start_process(self) -> None:
+        """Start swtpm on this port with this state, and wait until it accepts connections."""
+        command = [
+            "swtpm", "socket", "--tpm2",
+            "--server", f"type=tcp,bindaddr=127.0.0.1,port={self.port}",
+            "--ctrl", f"type=tcp,bindaddr=127.0.0.1,port={self.port + 1}",
+            "--flags", "not-need-init,startup-clear",
+            "--tpmstate", f"dir={self.state_dir}",
+            "--log", f"file={self.log_path}",
+        ]  # fmt: skip
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        self.process = process
+
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+                raise RuntimeError(f"swtpm exited with status {process.returncode}: {log[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop_process()
+                    raise RuntimeError(
+                        f"swtpm did not accept connections on port {self.port} within "
+                        f"{START_TIMEOUT} s"
+                    ) from None
+                time.sleep(0.02)
 
 
 def start_swtpm(state_dir: Path) -> Swtpm:
     """Start swtpm on free loopback ports with its state in ``state_dir``, and wait for it."""
     require_tpm_stack()
     state_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port_pair()
-    log_path = state_dir / "swtpm.log"
-    command = [
-        "swtpm", "socket", "--tpm2",
-        "--server", f"type=tcp,bindaddr=127.0.0.1,port={port}",
-        "--ctrl", f"type=tcp,bindaddr=127.0.0.1,port={port + 1}",
-        "--flags", "not-need-init,startup-clear",
-        "--tpmstate", f"dir={state_dir}",
-        "--log", f"file={log_path}",
-    ]  # fmt: skip
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
-    swtpm = Swtpm(port, state_dir, process, log_path)
-
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if process.poll() is not None:
-            log = log_path.read_text(errors="replace") if log_path.exists() else ""
-            raise RuntimeError(f"swtpm exited with status {process.returncode}: {log[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                swtpm.stop()
-                raise RuntimeError(
-                    f"swtpm did not accept connections on port {port} within {START_TIMEOUT} s"
-                ) from None
-            time.sleep(0.02)
+    swtpm = Swtpm(_free_port_pair(), state_dir, None, state_dir / "swtpm.log")
+    swtpm.start_process()
     return swtpm
 
 

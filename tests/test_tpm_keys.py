@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -522,3 +523,52 @@ def test_default_key_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(tpm.KEY_PATH_ENV, "/data/key.pem")
     monkeypatch.setenv("TPM2TOOLS_TCTI", "swtpm:port=2321")
     assert str(tpm.default_key_uri()) == "tpm2:path=/data/key.pem?tcti=swtpm:port=2321"
+
+
+@pytest.mark.parametrize("kind", ["handle", "path"])
+def test_sign_after_simulator_restart(
+    kind: str,
+    swtpm_factory: Callable[[], Swtpm],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    simulator = swtpm_factory()
+    uri = simulator.handle_uri() if kind == "handle" else simulator.path_uri(tmp_path / "k.pem")
+    key = tpm.generate_key(uri, "ec-p256")
+    key.sign(b"before", ECDSA_SHA256)
+
+    simulator.stop_process()
+    with caplog.at_level("WARNING", logger="device_sdk.keys.tpm"):
+        with pytest.raises(TPMError, match=r"tcti:IO failure \(0xA000A\): cannot open the TPM"):
+            key.sign(b"while stopped", ECDSA_SHA256)
+    assert "reconnecting and trying once more" in caplog.text
+
+    # The restart is a TPM reset, so a blob's saved object context no longer loads either.
+    simulator.start_process()
+    signature = key.sign(b"after", ECDSA_SHA256)
+
+    key.public_key().verify(signature, b"after", ECDSA_SHA256)
+
+
+def test_forked_child_signs_on_its_own_link(swtpm: Swtpm) -> None:
+    key = tpm.generate_key(swtpm.handle_uri(), "ec-p256")
+    key.sign(b"parent", ECDSA_SHA256)
+    read_end, write_end = os.pipe()
+
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(read_end)
+            os.write(write_end, key.sign(b"child", ECDSA_SHA256))
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        child_signature = pipe.read()
+    _, status = os.waitpid(pid, 0)
+
+    assert os.waitstatus_to_exitcode(status) == 0
+    key.public_key().verify(child_signature, b"child", ECDSA_SHA256)
+    key.public_key().verify(key.sign(b"parent again", ECDSA_SHA256), b"parent again", ECDSA_SHA256)

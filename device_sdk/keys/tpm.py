@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from device_sdk.keys.tpm_connection import (
     TpmConnection,
     close_connections,
     connection_for,
+    is_link_failure,
     resolve_tcti,
 )
 from device_sdk.keys.uri import Tpm2URI
@@ -295,15 +297,34 @@ class TpmSigner:
                 scheme.details.ecdsa.hashAlg = hash_alg
                 self._ecdsa_schemes[size] = scheme
 
-    def run(self, command: str, function: Any, *args: Any) -> Any:
-        """Run ``function(key_handle, *args)`` under the connection lock with the key loaded."""
+    def run(self, command: str, action: str | Callable[..., Any], *args: Any) -> Any:
+        """Run ``action(key_handle, *args)`` under the connection lock with the key loaded.
+
+        ``action`` is the name of an ESAPI method, or a function that reads
+        ``connection.context`` when it is called.
+
+        After a broken link (a restarted simulator, a reset TPM device) the connection opens
+        again and the command runs once more; every TPM command this backend runs is safe to
+        repeat.
+        """
         connection = self.connection
         with connection.lock:
-            handle, transient = self.source.acquire(connection, self.location)
-            if not transient:
-                return connection.call(command, function, handle, *args)
-            with connection.transient(command, handle):
-                return connection.call(command, function, handle, *args)
+            try:
+                return self._run_once(command, action, *args)
+            except TPMError as exc:
+                if not is_link_failure(exc):
+                    raise
+                log.warning("%s: %s; reconnecting and trying once more", self.location, exc)
+            return self._run_once(command, action, *args)
+
+    def _run_once(self, command: str, action: str | Callable[..., Any], *args: Any) -> Any:
+        connection = self.connection
+        handle, transient = self.source.acquire(connection, self.location)
+        function = getattr(connection.context, action) if isinstance(action, str) else action
+        if not transient:
+            return connection.call(command, function, handle, *args)
+        with connection.transient(command, handle):
+            return connection.call(command, function, handle, *args)
 
     def sign_ecdsa_digest(self, digest: bytes) -> bytes:
         scheme = self._ecdsa_schemes.get(len(digest))
@@ -311,7 +332,7 @@ class TpmSigner:
             raise UnsupportedAlgorithm(
                 f"a {len(digest)}-byte digest has no TPM hash; use SHA-256, SHA-384 or SHA-512"
             )
-        signature = self.run("TPM2_Sign", self.connection.context.sign, digest, scheme)
+        signature = self.run("TPM2_Sign", "sign", digest, scheme)
 
         # The TPM returns r and s as TPM2B_ECC_PARAMETER, possibly without leading zeros.
         ecdsa = signature.signature.ecdsa
@@ -347,7 +368,7 @@ class TpmSigner:
                 )
             scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.RSAPSS)
             scheme.details.rsapss.hashAlg = hash_alg
-        signature = self.run("TPM2_Sign", self.connection.context.sign, digest, scheme)
+        signature = self.run("TPM2_Sign", "sign", digest, scheme)
         if salt_length is None:
             return bytes(signature.signature.rsassa.sig)
         return bytes(signature.signature.rsapss.sig)

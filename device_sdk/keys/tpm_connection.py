@@ -37,6 +37,7 @@ __all__ = [
     "TpmConnection",
     "close_connections",
     "connection_for",
+    "is_link_failure",
     "resolve_tcti",
     "rc_name",
 ]
@@ -82,6 +83,11 @@ RETRY_FIRST_DELAY = 0.01  # seconds, doubled after each retry: at most 0.63 s wa
 T = TypeVar("T")
 
 
+def is_link_failure(error: TPMError) -> bool:
+    """Return True when ``error`` came from the TCTI: the link to the TPM broke, not a command."""
+    return error.rc is not None and error.rc & _LAYER_MASK == _TCTI_LAYER
+
+
 def rc_name(error: TSS2_Exception) -> str:
     """Return the TPM_RC_ name of a TPM error, or the TSS's own decoding for other layers."""
     if error.rc & _LAYER_MASK == 0 and error.error in RC_NAMES:
@@ -121,11 +127,12 @@ class TpmConnection:
                 self._context = ESAPI(self.tcti)
             except TSS2_Exception as exc:
                 raise TPMError(
-                    f"cannot open the TPM through TCTI {self.tcti!r} ({exc}); check that the TPM "
-                    "device or simulator is there, or set the TCTI with ?tcti= in the key URI or "
-                    f"with ${TCTI_ENVIRONMENT[0]}",
+                    f"cannot open the TPM through TCTI {self.tcti!r}; check that the TPM device "
+                    "or simulator is there, or set the TCTI with ?tcti= in the key URI or with "
+                    f"${TCTI_ENVIRONMENT[0]}",
                     command="Esys_Initialize",
                     rc=exc.rc,
+                    rc_name=rc_name(exc),
                 ) from exc
             log.info("opened the TPM through TCTI %s", self.tcti)
         return self._context
@@ -169,10 +176,10 @@ class TpmConnection:
             # The link broke (simulator restarted, device gone): start afresh on the next call.
             self.close()
             return TPMError(
-                f"the link to the TPM through TCTI {self.tcti!r} failed ({exc}); the next call "
-                "reconnects",
+                f"the link to the TPM through TCTI {self.tcti!r} failed; the next call reconnects",
                 command=command,
                 rc=exc.rc,
+                rc_name=rc_name(exc),
             )
         if exc.rc & _LAYER_MASK == 0 and exc.error == RC_LOCKOUT:
             return self._lockout_error(command, exc)
@@ -275,6 +282,21 @@ class TpmConnection:
 
 _connections: dict[str, TpmConnection] = {}
 _connections_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # The child must not write to the parent's TPM link, and a lock held by another thread at
+    # fork time would never be released. The ESAPI contexts are dropped without Esys_Finalize,
+    # which would close the parent's socket or device file too.
+    global _connections_lock
+    _connections_lock = threading.Lock()
+    for connection in _connections.values():
+        connection.lock = threading.RLock()
+        connection._context = None
+        connection._persistent.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def connection_for(tcti: str) -> TpmConnection:
