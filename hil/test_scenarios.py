@@ -197,6 +197,36 @@ def test_token_unplug_between_signs(provisioned: DeviceHandle) -> None:
     assert _ok(after)["device_id"] == before["device_id"]
 
 
+@pytest.mark.needs("counter")
+def test_counter_survives_power_cycle(provisioned: DeviceHandle) -> None:
+    """The monotonic counter grows by one per increment, and keeps growing after a power cycle."""
+    rig = provisioned.rig
+    power = provisioned.device.capabilities.power
+    with provisioned.agent() as agent:
+        first = _ok(agent.call("counter"))["value"]
+        second = _ok(agent.call("counter"))["value"]
+
+        after_cycle = None
+        if power:
+            assert provisioned.switch is not None
+            provisioned.switch.off()
+            provisioned.switch.on()
+            deadline = time.monotonic() + RECOVERY_TIMEOUT
+            while after_cycle is None and time.monotonic() < deadline:
+                reply = agent.call("counter", reply_timeout=60)
+                after_cycle = reply["value"] if reply["ok"] else None
+
+    rig.record(
+        provisioned.name, "counter_survives_power_cycle", values=[first, second, after_cycle]
+    )
+    assert second == first + 1
+    if power:
+        assert after_cycle is not None, (
+            f"no counter read within {RECOVERY_TIMEOUT:.0f} s of power on"
+        )
+        assert after_cycle > second
+
+
 @pytest.mark.destructive
 @pytest.mark.needs("power")
 @pytest.mark.parametrize("cut_after", ["key", "enroll"])

@@ -6,7 +6,9 @@ request, one per line, on standard output. Operations:
 
 - ``{"op": "hello"}``: the key's device_id, backend, algorithm and whether it is hardware-backed.
 - ``{"op": "sign", "count": N}``: sign N random messages; latencies in milliseconds.
-- ``{"op": "keys"}``: the private keys on the key's token (PKCS#11), to spot a token in use.
+- ``{"op": "keys"}``: the keys in the key's store (PKCS#11 private keys, TPM persistent
+  handles, secure element slots), to spot a token in use.
+- ``{"op": "counter", "increment": true}``: the secure element's monotonic counter.
 - ``{"op": "http-login"}`` and ``{"op": "mqtt-connect"}``: one login each, with its duration.
 - ``{"op": "mqtt-start"}``, ``{"op": "mqtt-wait", "after": N, "timeout": S}``,
   ``{"op": "mqtt-stop"}``: keep an MQTT connection with automatic reconnects, and wait for a
@@ -42,9 +44,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "hil-agent",
         help="serve JSON operations on stdin for the hardware-in-the-loop test rig",
         description=(
-            "Read one JSON operation per line on stdin (sign, keys, http-login, mqtt-connect, "
-            "mqtt-start, mqtt-wait, mqtt-stop, hello, quit) and write one JSON reply per line "
-            "on stdout. Used by the test rig in hil/; see docs/hil.md."
+            "Read one JSON operation per line on stdin (sign, keys, counter, http-login, "
+            "mqtt-connect, mqtt-start, mqtt-wait, mqtt-stop, hello, quit) and write one JSON "
+            "reply per line on stdout. Used by the test rig in hil/; see docs/hil.md."
         ),
     )
     source = parser.add_mutually_exclusive_group(required=True)
@@ -81,6 +83,7 @@ class Agent:
             "hello": self.hello,
             "sign": self.sign,
             "keys": self.keys,
+            "counter": self.counter,
             "http-login": self.http_login,
             "mqtt-connect": self.mqtt_connect,
             "mqtt-start": self.mqtt_start,
@@ -160,6 +163,12 @@ class Agent:
             return {"supported": False, "scheme": scheme, "labels": []}
         labels = lister(self.key_uri)
         return {"supported": True, "scheme": scheme, "count": len(labels), "labels": labels}
+
+    def counter(self, request: dict[str, Any]) -> dict[str, Any]:
+        read_counter = getattr(self.key, "counter", None)
+        if read_counter is None:
+            raise ConfigError(f"the {self.key.backend} key backend has no monotonic counter")
+        return {"value": read_counter(increment=bool(request.get("increment", True)))}
 
     def http_login(self, request: dict[str, Any]) -> dict[str, Any]:
         import httpx
