@@ -398,7 +398,7 @@ def check_attributes(public_area: TPMT_PUBLIC, location: str) -> None:
     if missing:
         raise KeyPolicyError(
             f"{location} lacks {', '.join(missing)}: it may be duplicated, imported or unable "
-            "to sign. Generate a new key with device-sdk keys generate or provision"
+            "to sign. Create a new key with device-sdk provision or tpm.generate_key"
         )
     if attributes & TPMA_OBJECT.RESTRICTED:
         raise KeyPolicyError(
