@@ -85,15 +85,27 @@ def test_host_truncated_frame_times_out(link: SerialLink) -> None:
     assert_recovered(link)
 
 
-def test_host_truncated_then_request(link: SerialLink, caplog: pytest.LogCaptureFixture) -> None:
-    wire = protocol.encode_frame(9, protocol.HELLO, 0, b"")
-    link.send_raw(wire[: len(wire) // 2])
+def test_host_truncated_then_request(link: SerialLink) -> None:
+    truncated = protocol.encode_frame(9, protocol.HELLO, 0, b"")
+    request = protocol.encode_frame(10, protocol.COUNTER, 0, COUNTER_READ)
+    # One write, so the device's 200 ms gap timeout cannot end the truncated frame first.
+    link.send_raw(truncated[: len(truncated) // 2] + request)
 
-    with caplog.at_level(logging.WARNING, logger="device_sdk.keys.serial_link"):
-        reply = link.request(protocol.COUNTER, COUNTER_READ)
+    events: list[protocol.Frame | protocol.FrameError] = []
+    while len(events) < 2:
+        more = link.read_events(2.0)
+        assert more, events
+        events += more
 
-    assert reply == bytes(4)
-    assert "the device reported BAD_FRAME for a frame it could not read" in caplog.text
+    report, reply = events
+    assert isinstance(report, protocol.Frame)
+    assert report.seq == protocol.FRAME_ERROR_SEQ
+    assert report.status == protocol.BAD_FRAME
+    assert isinstance(reply, protocol.Frame)
+    assert reply.seq == 10
+    assert reply.status == protocol.OK
+    assert reply.payload == bytes(4)
+    assert_recovered(link)
 
 
 def test_host_bad_crc_reported(link: SerialLink) -> None:

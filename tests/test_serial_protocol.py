@@ -272,7 +272,9 @@ def _body(frame: protocol.Frame) -> bytes:
     return protocol.encode_body(frame.seq, frame.kind, frame.status, frame.payload)
 
 
-@settings(max_examples=150, deadline=3000)
+# No per-example deadline: each example writes a state file with fsync, which a loaded machine
+# can slow down. The elapsed-time check below is what catches a hang.
+@settings(max_examples=150, deadline=None)
 @given(
     garbage=st.binary(max_size=400),
     reply_status=st.integers(0, 255),
@@ -306,7 +308,7 @@ def test_host_any_reply_no_crash(
     finally:
         element_dir.cleanup()
 
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 10.0
 
 
 # --- MicroPython import check ------------------------------------------------------------------
