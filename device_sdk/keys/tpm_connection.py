@@ -25,6 +25,11 @@ INSTALL_HINT = (
     "apt install libtss2-dev, then pip install 'device-sdk[tpm]'"
 )
 
+# The TSS libraries print their own error lines to stderr, also for conditions this module
+# expects and raises as TPMError (an empty persistent handle). Setting TSS2_LOG yourself, for
+# example to all+debug, brings them back. The TSS reads it at its first log call.
+os.environ.setdefault("TSS2_LOG", "all+NONE")
+
 try:
     from tpm2_pytss import ESAPI, ESYS_TR, TPM2_CAP, TPM2_PT, TSS2_Exception
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
@@ -243,8 +248,8 @@ class TpmConnection:
         except TSS2_Exception as exc:
             if exc.rc & _LAYER_MASK == 0 and exc.error == RC_HANDLE:
                 raise KeyNotFoundError(
-                    f"no persistent key at handle 0x{handle:08x} in {location}; create it with "
-                    "device-sdk provision or tpm2_evictcontrol"
+                    f"{location} not found: persistent handle 0x{handle:08x} is empty; create "
+                    "the key with device-sdk provision or tpm2_evictcontrol"
                 ) from exc
             raise self._error_for("TPM2_ReadPublic", exc) from exc
         self._persistent[handle] = tr
