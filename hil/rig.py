@@ -13,11 +13,12 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from hil.inventory import Device, Inventory
 from hil.power import CallbackSwitch, PowerControl, power_control
@@ -86,13 +87,20 @@ class DeviceHandle:
             session.close()
 
     def key_labels(self) -> list[str] | None:
-        """Return the labels of the private keys on the device's token, or None if unknown."""
+        """Return the labels of the keys in the device's key store, or None if it cannot list.
+
+        Raises DeviceInUseError when the listing fails, because the rig then cannot tell
+        whether the token is in use.
+        """
         with self.agent(config=False) as session:
             reply = session.call("keys")
         if not reply["ok"]:
-            # A token that is blank or absent has no keys to protect.
-            logger.info("device %s: listing keys failed: %s", self.name, reply["error"])
-            return []
+            logger.warning("device %s: listing keys failed: %s", self.name, reply["error"])
+            raise DeviceInUseError(
+                f"device {self.name}: listing the keys on the token failed "
+                f"({reply['error_type']}: {reply['error']}), so the rig cannot tell whether the "
+                "token is in use; check the token and its PIN file"
+            )
         if not reply.get("supported"):
             return None
         return list(reply["labels"])
@@ -105,7 +113,13 @@ class DeviceHandle:
 
     def require_blank(self) -> None:
         """Ensure the token contains no keys: erase a disposable device, raise for any other."""
-        labels = self.key_labels()
+        try:
+            labels = self.key_labels()
+        except DeviceInUseError:
+            if not self.device.disposable:
+                raise
+            self.erase()
+            return
         in_use = bool(labels) if labels is not None else self.key_opens()
         if not in_use:
             return
@@ -123,7 +137,7 @@ class DeviceHandle:
             self.sim.reset()
             self.transport.env.update(self.sim.env)
         elif self.device.reset:
-            subprocess.run(self.device.reset, shell=True, check=True, timeout=120)  # noqa: S602
+            self._run_reset(self.device.reset)
         else:
             raise DeviceInUseError(
                 f"device {self.name} is disposable but has no 'reset' command to erase its token"
@@ -133,6 +147,17 @@ class DeviceHandle:
         # The next run writes a new config: the state file of an earlier run names a key that
         # is gone now, and provisioning would resume from it.
         self.generation += 1
+
+    def _run_reset(self, command: str) -> None:
+        # The bench owner writes this command in the inventory, like the power commands.
+        result = subprocess.run(  # noqa: S602
+            command, shell=True, capture_output=True, text=True, timeout=120, check=False
+        )
+        if result.returncode != 0:
+            raise DeviceInUseError(
+                f"device {self.name}: the reset command {command!r} failed with status "
+                f"{result.returncode}: {result.stderr.strip()[-500:]}"
+            )
 
     # --- provisioning -------------------------------------------------------------------------
 
@@ -173,6 +198,11 @@ class DeviceHandle:
         lines: list[str] = []
         killed_after = None
         assert process.stdout is not None and process.stderr is not None
+
+        # stderr is drained meanwhile, so a chatty run cannot fill the pipe and stall stdout.
+        errors: list[str] = []
+        drain = threading.Thread(target=_read_lines, args=(process.stderr, errors), daemon=True)
+        drain.start()
         for line in process.stdout:
             lines.append(line)
             step = line.split()[0] if line.startswith("  ") and line.split() else None
@@ -182,14 +212,17 @@ class DeviceHandle:
                 on_cut(process)
                 break
         try:
-            stdout_rest, stderr = process.communicate(timeout=PROVISION_TIMEOUT)
+            stdout_rest = process.stdout.read()
+            process.wait(timeout=PROVISION_TIMEOUT)
         except subprocess.TimeoutExpired:
             process.kill()
-            stdout_rest, stderr = process.communicate()
+            process.wait()
+        drain.join(timeout=10)
+        process.stdout.close()
         return ProvisionRun(
             status=process.returncode,
-            stdout="".join(lines) + (stdout_rest or ""),
-            stderr=stderr or "",
+            stdout="".join(lines) + stdout_rest,
+            stderr="".join(errors),
             seconds=time.monotonic() - started,
             killed_after=killed_after,
         )
@@ -197,6 +230,10 @@ class DeviceHandle:
     def kill_process_group(self, process: subprocess.Popen[str]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def _read_lines(stream: IO[str], into: list[str]) -> None:
+    into.extend(stream)
 
 
 @dataclass

@@ -15,7 +15,6 @@ import shlex
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -263,13 +262,3 @@ class AgentSession:
             self.process.wait()
         if self.process.stdout is not None:
             self.process.stdout.close()
-
-
-def wait_for(probe: Any, *, timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``probe()`` until it returns a true value or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if probe():
-            return True
-        time.sleep(interval)
-    return bool(probe())
