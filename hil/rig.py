@@ -123,11 +123,11 @@ class DeviceHandle:
         in_use = bool(labels) if labels is not None else self.key_opens()
         if not in_use:
             return
-        held = f"contains keys {labels}" if labels else "contains the configured key"
+        contents = f"contains keys {labels}" if labels else "contains the configured key"
         if not self.device.disposable:
             raise DeviceInUseError(
-                f"device {self.name}: the token {held} and the device is not marked disposable; "
-                "set disposable = true in the inventory to let the rig erase it"
+                f"device {self.name}: the token {contents} and the device is not marked "
+                "disposable; set disposable = true in the inventory to let the rig erase it"
             )
         self.erase()
 
