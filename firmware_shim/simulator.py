@@ -8,8 +8,8 @@ example ``/dev/pts/7``) as the first line on stdout, and serves until SIGTERM or
 slot locks and counters live in DIR, so a restart with the same DIR is a power cycle.
 
 Each start gets a new pseudo-terminal path. ``--link PATH`` keeps a symbolic link at PATH that
-points to the current terminal (replaced atomically at start, removed at a clean stop), so a
-host can use ``serial:PATH`` across restarts, as it would use a udev ``/dev/serial/by-id/`` link
+points to the current terminal: it is replaced atomically at start and removed at a clean stop.
+A host uses ``serial:PATH`` across restarts, as it would use a udev ``/dev/serial/by-id/`` link
 for a board that re-enumerates after a reset.
 
 ``--allow-fault-injection`` enables the FAULT command (0x7F), which corrupts the next reply on
@@ -180,7 +180,7 @@ class Simulator:
         self.stopping = True
 
     def serve(self) -> None:
-        """Answer requests until stop() is called, by a signal handler or another thread."""
+        """Serve requests until stop() is called, by a signal handler or another thread."""
         while not self.stopping:
             readable, _, _ = select.select([self.master_fd], [], [], POLL_INTERVAL_S)
             data = b""

@@ -1,8 +1,8 @@
 """The ATECC608 driver against a fake I2C bus that models the chip's packet interface.
 
-The fake follows the same reading of the datasheet as the driver, so these tests catch mistakes
+The fake follows the same reading of the datasheet as the driver. So these tests catch mistakes
 in the driver's code paths (wake, busy polling, packet CRCs, Nonce and Sign in one wake period,
-status bytes), not misreadings of the datasheet. The driver has never run on a real chip.
+status bytes), but not misreadings of the datasheet. The driver has never run on a real chip.
 """
 
 from __future__ import annotations
