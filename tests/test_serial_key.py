@@ -301,3 +301,16 @@ def test_simulator_stops_on_signal(serial_simulator: Simulator, signal_number: i
     assert status == 0
     assert not serial_simulator.link.exists()
     assert not serial_simulator.link.is_symlink()
+
+
+def test_second_open_of_port_rejected(serial_simulator: Simulator) -> None:
+    first = serial_keys.SerialLink(str(serial_simulator.link))
+    second = serial_keys.SerialLink(str(serial_simulator.link), connect_timeout=0.3)
+    first.request(0x01)
+    try:
+        with pytest.raises(SerialLinkError, match="Could not exclusively lock port") as caught:
+            second.request(0x01)
+        assert "no other process has it open" in str(caught.value)
+    finally:
+        first.close()
+        second.close()

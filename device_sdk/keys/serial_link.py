@@ -118,7 +118,10 @@ class _Disconnected(Exception):
 
 
 def open_pyserial(device: str, baud: int, write_timeout: float) -> Port:
-    """Open ``device`` with pyserial: 8N1, no flow control, DTR and RTS as the kernel set them."""
+    """Open ``device`` with pyserial: 8N1, no flow control, DTR and RTS as the kernel set them.
+
+    The port is locked with flock(), so a second process gets an error instead of a share.
+    """
     import serial
 
     port = serial.Serial()
@@ -132,6 +135,8 @@ def open_pyserial(device: str, baud: int, write_timeout: float) -> Port:
     port.dsrdtr = False
     port.timeout = 0
     port.write_timeout = write_timeout
+    # flock() the port: frames from two processes on one link would corrupt each other.
+    port.exclusive = True
     port.open()
 
     try:
@@ -303,8 +308,9 @@ class SerialLink:
                     raise SerialLinkError(
                         f"cannot open serial device {self.device} within "
                         f"{self.connect_timeout:g} s: {exc}. Check the path (a stable "
-                        "/dev/serial/by-id/ link, or the simulator's --link), the cable, and "
-                        "that this user may open the device (group dialout)"
+                        "/dev/serial/by-id/ link, or the simulator's --link), the cable, that "
+                        "this user may open the device (group dialout), and that no other "
+                        "process has it open"
                     ) from exc
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, MAX_OPEN_RETRY_DELAY)
