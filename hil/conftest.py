@@ -142,6 +142,8 @@ def device(request: pytest.FixtureRequest) -> DeviceHandle:
                     f"{CAPABILITY_HINTS.get(capability, '')}"
                 )
     rig: Rig = request.getfixturevalue("rig")
+    if request.param in rig.setup_errors:
+        pytest.fail(f"device {spec.name} could not be set up: {rig.setup_errors[request.param]}")
     return rig.handles[request.param]
 
 

@@ -248,6 +248,7 @@ class Rig:
     directory: Path = field(default_factory=Path)
     services: RigServices = field(init=False)
     handles: dict[str, DeviceHandle] = field(default_factory=dict)
+    setup_errors: dict[str, str] = field(default_factory=dict)
     results: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
 
@@ -255,7 +256,12 @@ class Rig:
         self.services = RigServices(self.directory / "services", self.inventory.services)
         self.services.start()
         for device in self.inventory.devices:
-            self.handles[device.name] = self._handle(device)
+            # One unreachable board or missing simulator fails that device's scenarios only.
+            try:
+                self.handles[device.name] = self._handle(device)
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                logger.error("device %s: set-up failed: %s", device.name, exc)
+                self.setup_errors[device.name] = f"{type(exc).__name__}: {exc}"
 
     def _handle(self, device: Device) -> DeviceHandle:
         env: dict[str, str] = {}

@@ -1,4 +1,5 @@
-"""The rig run end to end on a SoftHSM device: refusal of a device in use, and the report files.
+"""The rig run end to end on a SoftHSM device: refusal of a device in use, the report files, and a
+device whose simulator does not start.
 
 These start the rig's verifier and broker, so each takes some seconds.
 """
@@ -32,9 +33,11 @@ capabilities = { power = true }
 """
 
 
-def run_rig(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_rig(
+    tmp_path: Path, *args: str, inventory_text: str = SOFTHSM_DEVICE
+) -> subprocess.CompletedProcess[str]:
     inventory = tmp_path / "rig.toml"
-    inventory.write_text(SOFTHSM_DEVICE)
+    inventory.write_text(inventory_text)
     env = dict(os.environ)
     env.pop("PYTEST_ADDOPTS", None)
     return subprocess.run(
@@ -78,3 +81,34 @@ def test_destructive_scenario_refuses_device_in_use(tmp_path: Path) -> None:
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "| token-in-use | softhsm |" in markdown
     assert (tmp_path / "report" / "logs" / "services-verifier.log").exists()
+
+
+BROKEN_SIMULATOR = """
+[[device]]
+name = "shim-bad-slots"
+key = "serial:{tty}?slot=0"
+access = "local"
+software_key = true
+sim = { kind = "firmware-shim", slots = 300 }
+"""
+
+
+@pytest.mark.slow
+def test_device_setup_failure_fails_only_that_device(tmp_path: Path) -> None:
+    # The simulator accepts 1 to 255 slots, so this device never starts; the other one runs.
+    inventory = SOFTHSM_DEVICE + BROKEN_SIMULATOR
+    result = run_rig(tmp_path, "-k", "http_login", inventory_text=inventory)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith("1 passed, "), summary
+    assert ", 1 error in " in summary
+    assert "device shim-bad-slots could not be set up: SimulatorError: device shim-bad-slots:" in (
+        result.stdout
+    )
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    outcomes = {
+        device["name"]: device["scenarios"]["http_login"]["outcome"]
+        for device in report["devices"]
+    }
+    assert outcomes == {"token-in-use": "passed", "shim-bad-slots": "error"}
