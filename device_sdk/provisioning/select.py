@@ -46,7 +46,10 @@ def _from_config(config_path: Path) -> KeyChoice | None:
 
 
 def _from_tpm() -> KeyChoice | None:
-    if importlib.util.find_spec("device_sdk.keys.tpm") is None:
+    # device_sdk.keys.tpm is always importable as a file, but it raises on import without
+    # tpm2-pytss (the optional "tpm" extra), so look for tpm2-pytss itself.
+    if importlib.util.find_spec("tpm2_pytss") is None:
+        logger.info("tpm2-pytss is not installed, so --auto does not look for a TPM")
         return None
     present = any(os.path.exists(path) for path in TPM_DEVICES) or any(
         os.environ.get(name) for name in TPM_TCTI_ENVS
