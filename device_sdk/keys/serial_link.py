@@ -206,8 +206,7 @@ class SerialLink:
         with self._lock:
             self._ensure_open()
             try:
-                self._check_key(expected_key)
-                return self._exchange(command, payload, timeout or self.timeout)
+                return self._checked_exchange(command, payload, timeout, expected_key)
             except _Disconnected as exc:
                 self._close_port()
                 if exc.sent and not repeatable:
@@ -223,8 +222,7 @@ class SerialLink:
                 )
             self._ensure_open()
             try:
-                self._check_key(expected_key)
-                return self._exchange(command, payload, timeout or self.timeout)
+                return self._checked_exchange(command, payload, timeout, expected_key)
             except _Disconnected as exc:
                 self._close_port()
                 raise SerialLinkError(
@@ -235,6 +233,20 @@ class SerialLink:
     def close(self) -> None:
         with self._lock:
             self._close_port()
+
+    def _checked_exchange(
+        self,
+        command: int,
+        payload: bytes,
+        timeout: float | None,
+        expected_key: tuple[int, bytes] | None,
+    ) -> bytes:
+        try:
+            self._check_key(expected_key)
+        except _Disconnected as exc:
+            # Only the key check was on the wire, so the command itself never ran.
+            raise _Disconnected(str(exc), sent=False) from exc
+        return self._exchange(command, payload, timeout or self.timeout)
 
     # --- raw access, for tests of the framing ------------------------------------------------
 
