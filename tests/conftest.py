@@ -25,8 +25,12 @@ pytest_plugins = [
 REQUIRE_SERVICES = os.environ.get("DEVICE_SDK_REQUIRE_SERVICES") == "1"
 NOT_APPLICABLE = "not applicable:"
 
-# Wycheproof vectors live beside the checkout and are never copied into the repository.
-VECTORS_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "vectors"
+# Wycheproof vectors (C2SP/wycheproof, testvectors_v1) are never copied into the repository:
+# they are read from DEVICE_SDK_VECTORS_DIR, or from ../shared/vectors beside the checkout.
+VECTORS_DIR = Path(
+    os.environ.get("DEVICE_SDK_VECTORS_DIR")
+    or Path(__file__).resolve().parent.parent.parent / "shared" / "vectors"
+)
 
 
 @pytest.hookimpl(hookwrapper=True)

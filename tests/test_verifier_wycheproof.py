@@ -39,8 +39,10 @@ FILES = {
 def load_vectors(name: str) -> list[tuple[str, Any, dict[str, Any]]]:
     path = WYCHEPROOF / name
     if not path.exists():
-        pytest.fail(
-            f"Wycheproof vector file {path} is missing; the checkout needs ../shared/vectors"
+        # Under DEVICE_SDK_REQUIRE_SERVICES=1 conftest turns this skip into a failure.
+        pytest.skip(
+            f"Wycheproof vector file {path} is missing: set DEVICE_SDK_VECTORS_DIR to a folder "
+            "holding wycheproof/*.json from C2SP/wycheproof testvectors_v1"
         )
     data = json.loads(path.read_text())
     cases = []

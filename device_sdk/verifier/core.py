@@ -28,7 +28,7 @@ from device_sdk.errors import ProtocolError, VerificationError
 from device_sdk.verifier.audit import log_decision
 from device_sdk.verifier.config import VerifierConfig
 from device_sdk.verifier.enrollment import record_from_csr
-from device_sdk.verifier.jws import parse_compact_jws
+from device_sdk.verifier.jws import CompactJWS, parse_compact_jws
 from device_sdk.verifier.ratelimit import TokenBucketLimiter
 from device_sdk.verifier.registry import (
     ACTIVE,
@@ -57,6 +57,7 @@ AudienceKind = Literal["http", "mqtt"]
 _DEVICE_ID = re.compile(r"[A-Za-z0-9_-]{43}")
 ENROLLMENT_TOKEN_BYTES = 32
 _KEY_CACHE_SIZE = 10_000
+_HEADER_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class Verifier:
         self._signing_key = signing_key or ec.generate_private_key(ec.SECP256R1())
         self._jwk = public_jwk(self._signing_key.public_key())
         self._checks: dict[tuple[str, str, str], SignatureCheck] = {}
+        self._checked_headers: dict[str, tuple[str, str]] = {}
         self._checks_lock = threading.Lock()
 
         self._challenge_per_device = (
@@ -158,7 +160,9 @@ class Verifier:
         if redis_url:
             challenges = RedisChallengeStore.from_url(redis_url)
         else:
-            challenges = SQLiteChallengeStore(db_path)
+            # One connection per thread for both stores, so the registry's record cache is
+            # invalidated by other processes' commits only, not by this one's nonce consumes.
+            challenges = SQLiteChallengeStore(registry.connections)
         if signing_key_path is None:
             signing_key_path = db_path.with_name(db_path.stem + "-signing-key.pem")
         signing_key = load_or_create_signing_key(signing_key_path)
@@ -312,7 +316,7 @@ class Verifier:
         context: dict[str, Any],
     ) -> VerifiedAssertion:
         jws = parse_compact_jws(token, self.config.max_assertion_bytes)
-        algorithm, device_id = self._check_header(jws.header)
+        algorithm, device_id = self._checked_header(jws)
         context["device_id"] = device_id
         claims = jws.payload
         _check_claim_types(claims)
@@ -363,6 +367,18 @@ class Verifier:
             algorithm=algorithm,
             record=record,
         )
+
+    def _checked_header(self, jws: CompactJWS) -> tuple[str, str]:
+        # The result depends only on the header text and this verifier's configuration, and a
+        # device sends the same header every time, so results are kept by the exact text.
+        checked = self._checked_headers.get(jws.header_text)
+        if checked is None:
+            checked = self._check_header(jws.header)
+            with self._checks_lock:
+                if len(self._checked_headers) >= _HEADER_CACHE_SIZE:
+                    self._checked_headers.clear()
+                self._checked_headers[jws.header_text] = checked
+        return checked
 
     def _check_header(self, header: Mapping[str, Any]) -> tuple[str, str]:
         algorithm = header.get("alg")

@@ -26,9 +26,10 @@ _HEADER_CACHE_SIZE = 4096
 
 @dataclass(frozen=True)
 class CompactJWS:
-    """The decoded parts of a compact JWS."""
+    """The decoded parts of a compact JWS, and the header's base64url text."""
 
     header: Mapping[str, Any]
+    header_text: str
     payload: dict[str, Any]
     signing_input: bytes
     signature: bytes
@@ -61,4 +62,4 @@ def parse_compact_jws(token: str, max_bytes: int = MAX_ASSERTION_BYTES) -> Compa
 
     # b64url_decode accepted both parts, and it accepts only ASCII, so this encode cannot fail.
     signing_input = f"{header_text}.{payload_text}".encode("ascii")
-    return CompactJWS(header, payload, signing_input, signature)
+    return CompactJWS(header, header_text, payload, signing_input, signature)

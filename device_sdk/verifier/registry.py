@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from device_sdk.errors import VerificationError
-from device_sdk.verifier.sqlite import ThreadConnections
+from device_sdk.verifier.sqlite import ThreadConnections, open_connections
 
 ACTIVE = "active"
 REVOKED = "revoked"
@@ -122,15 +123,45 @@ def _record_from_row(row: tuple[Any, ...]) -> DeviceRecord:
 
 
 class SQLiteDeviceRegistry:
-    """Device records and enrollment tokens in SQLite (WAL), shareable by processes on one host."""
+    """Device records and enrollment tokens in SQLite (WAL), shareable by processes on one host.
 
-    def __init__(self, path: str | Path) -> None:
-        self._connections = ThreadConnections(path, _REGISTRY_SCHEMA)
-        # Records by device id with the row they were built from. The row is read on every
-        # lookup and compared, so a record changed by any process is never served stale.
-        self._records: dict[str, tuple[tuple[Any, ...], DeviceRecord]] = {}
+    ``path`` is the database file, or the :class:`ThreadConnections` of a challenge store on the
+    same file: sharing them is what lets :meth:`get` answer from its cache (see there). Closing
+    either store then closes both.
+    """
+
+    def __init__(self, path: str | Path | ThreadConnections) -> None:
+        self._connections = open_connections(path, _REGISTRY_SCHEMA)
+        # Records by device id, each with the cache generation in which its row was read.
+        self._records: dict[str, tuple[int, DeviceRecord]] = {}
+        self._generation = 0
+        self._generation_lock = threading.Lock()
+
+    @property
+    def connections(self) -> ThreadConnections:
+        """The per-thread connections, to pass to the other store on the same file."""
+        return self._connections
+
+    def _invalidate(self) -> int:
+        with self._generation_lock:
+            self._generation += 1
+            return self._generation
 
     def get(self, device_id: str) -> DeviceRecord | None:
+        # A cached record is served only if no connection but this thread's own has committed
+        # anything to the database since the record's row was read. PRAGMA data_version on
+        # this thread's connection changes after every commit by any other connection, in
+        # this process or another, so a revocation committed before this call began bumps the
+        # generation here and the row is read again. Writes through this registry bump the
+        # generation themselves. A record is tagged with the generation read *before* its
+        # SELECT, so a row read before another thread's bump can never be served after it.
+        generation = self._generation
+        if self._connections.data_version_changed():
+            generation = self._invalidate()
+        cached = self._records.get(device_id)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+
         row = (
             self._connections.get()
             .execute(_SELECT_DEVICES + " WHERE device_id = ?", (device_id,))
@@ -138,13 +169,11 @@ class SQLiteDeviceRegistry:
         )
         if row is None:
             return None
-        cached = self._records.get(device_id)
-        if cached is not None and cached[0] == row:
-            return cached[1]
         record = _record_from_row(row)
-        if len(self._records) >= _RECORD_CACHE_SIZE:
-            self._records.clear()
-        self._records[device_id] = (row, record)
+        with self._generation_lock:
+            if len(self._records) >= _RECORD_CACHE_SIZE:
+                self._records.clear()
+            self._records[device_id] = (generation, record)
         return record
 
     def list_devices(self) -> list[DeviceRecord]:
@@ -163,6 +192,7 @@ class SQLiteDeviceRegistry:
             "UPDATE devices SET status = ?, revoked_at = ? WHERE device_id = ?",
             (status, revoked_at, device_id),
         )
+        self._invalidate()
         return self.get(device_id)
 
     def add_enrollment_token(
@@ -183,6 +213,7 @@ class SQLiteDeviceRegistry:
             connection.execute("ROLLBACK")
             raise
         connection.execute("COMMIT")
+        self._invalidate()
         return result
 
     def _enroll_locked(

@@ -33,7 +33,12 @@ def connect_sqlite(path: str | Path) -> sqlite3.Connection:
 
 
 class ThreadConnections:
-    """One SQLite connection per thread, because a connection must not be shared mid-statement."""
+    """One SQLite connection per thread, because a connection must not be shared mid-statement.
+
+    The challenge store and the device registry on one file can share one instance (pass it in
+    place of the path). Then a thread runs both on one connection, and ``PRAGMA data_version``
+    on it changes only when another connection, in this process or another one, commits.
+    """
 
     def __init__(self, path: str | Path, schema: str) -> None:
         self.path = path
@@ -46,6 +51,10 @@ class ThreadConnections:
             self._local.connection = first
             self._all.append(first)
 
+    def add_schema(self, schema: str) -> None:
+        """Create the tables of another store in this database, if they are missing."""
+        self.get().executescript(schema)
+
     def get(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None:
@@ -55,9 +64,31 @@ class ThreadConnections:
                 self._all.append(connection)
         return connection
 
+    def data_version_changed(self) -> bool:
+        """Tell whether another connection committed since this thread last asked.
+
+        The first call on a thread returns True, because nothing is known about the past.
+        """
+        connection = self.get()
+        version = connection.execute("PRAGMA data_version").fetchone()[0]
+        if getattr(self._local, "data_version", None) == version:
+            return False
+        self._local.data_version = version
+        return True
+
     def close(self) -> None:
         with self._lock:
             for connection in self._all:
                 connection.close()
             self._all.clear()
         self._local = threading.local()
+
+
+def open_connections(
+    path_or_connections: str | Path | ThreadConnections, schema: str
+) -> ThreadConnections:
+    """Open connections on a path, or add ``schema`` to connections that another store opened."""
+    if isinstance(path_or_connections, ThreadConnections):
+        path_or_connections.add_schema(schema)
+        return path_or_connections
+    return ThreadConnections(path_or_connections, schema)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from device_sdk.auth.challenge import Challenge
-from device_sdk.verifier.sqlite import ThreadConnections
+from device_sdk.verifier.sqlite import ThreadConnections, open_connections
 
 if TYPE_CHECKING:
     import redis
@@ -142,12 +142,22 @@ class SQLiteChallengeStore:
     ``consume`` is one ``UPDATE ... WHERE consumed = 0 RETURNING`` statement. SQLite runs it
     under the database write lock, so exactly one of several concurrent calls, in any process,
     finds the row with ``consumed = 0``. The row stays as the spent marker.
+
+    ``path`` is the database file, or the ``connections`` of the :class:`SQLiteDeviceRegistry`
+    on the same file, which lets the registry cache records (see its ``get``).
     """
 
-    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, path: str | Path | ThreadConnections, clock: Callable[[], float] = time.time
+    ) -> None:
         self._clock = clock
-        self._connections = ThreadConnections(path, _CHALLENGE_SCHEMA)
+        self._connections = open_connections(path, _CHALLENGE_SCHEMA)
         self._puts = 0
+
+    @property
+    def connections(self) -> ThreadConnections:
+        """The per-thread connections, to pass to the other store on the same file."""
+        return self._connections
 
     def put(self, challenge: Challenge) -> None:
         connection = self._connections.get()
