@@ -62,7 +62,9 @@ def test_enroll_creates_record(verifier: Verifier, algorithm: str) -> None:
         "hardware_backed",
         "enrolled_at",
         "revoked_at",
+        "attested",
     }
+    assert record.attested is False
 
 
 def test_enroll_again_same_key_returns_record(verifier: Verifier) -> None:

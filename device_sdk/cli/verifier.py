@@ -92,6 +92,29 @@ def _register_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser
     )
 
     parser.add_argument(
+        "--device-ca-cert", metavar="PEM",
+        help="CA certificate that signs device client certificates at enrollment (for MQTT "
+        "over mTLS); needs --device-ca-key",
+    )
+    parser.add_argument(
+        "--device-ca-key", metavar="PEM",
+        help="unencrypted private key of --device-ca-cert, a file of mode 0600",
+    )
+    parser.add_argument(
+        "--device-cert-days", type=int, default=365, metavar="DAYS",
+        help="lifetime of the device certificates in days (default: 365)",
+    )
+    parser.add_argument(
+        "--ek-ca", action="append", default=[], metavar="PEM",
+        help="trusted CA of TPM endorsement key (EK) certificates: self-signed ones are roots, "
+        "others intermediates; repeatable. Enables TPM attestation at enrollment",
+    )
+    parser.add_argument(
+        "--require-attestation", action="store_true",
+        help="reject enrollments whose key no TPM attested (needs --ek-ca)",
+    )
+
+    parser.add_argument(
         "--signing-key", metavar="PEM",
         help="access-token signing key, created if absent (default: beside the database)",
     )
@@ -189,7 +212,11 @@ def _listen_url(args: argparse.Namespace) -> str:
 
 def build_config(args: argparse.Namespace) -> Any:
     """Build the :class:`VerifierConfig` that ``serve`` options describe."""
-    from device_sdk.verifier.config import VerifierConfig, channel_bindings_from_pem
+    from device_sdk.verifier.config import (
+        VerifierConfig,
+        channel_bindings_from_pem,
+        ek_certificates_from_pem,
+    )
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together: pass both for TLS, or neither")
@@ -218,6 +245,19 @@ def build_config(args: argparse.Namespace) -> Any:
         for url in args.broker_audience
     }
 
+    if bool(args.device_ca_cert) != bool(args.device_ca_key):
+        raise ConfigError(
+            "--device-ca-cert and --device-ca-key go together: pass both for a device CA, or "
+            "neither"
+        )
+    if args.device_cert_days < 1:
+        raise ConfigError(f"--device-cert-days must be at least 1, got {args.device_cert_days}")
+    if args.require_attestation and not args.ek_ca:
+        raise ConfigError(
+            "--require-attestation needs --ek-ca with the EK root CA of the TPM makers to trust"
+        )
+    ek_roots, ek_intermediates = ek_certificates_from_pem(*args.ek_ca)
+
     settings: dict[str, Any] = {
         "issuer": issuer,
         "http_channel_bindings": http_bindings,
@@ -226,6 +266,10 @@ def build_config(args: argparse.Namespace) -> Any:
         "leeway": args.leeway,
         "access_token_lifetime": args.access_token_lifetime,
         "challenge_lifetime": args.challenge_lifetime,
+        "ek_roots": ek_roots,
+        "ek_intermediates": ek_intermediates,
+        "require_attestation": args.require_attestation,
+        "device_certificate_lifetime": args.device_cert_days * 24 * 3600,
     }
     if args.no_rate_limits:
         settings.update(
@@ -249,13 +293,20 @@ def run_serve(args: argparse.Namespace) -> int:
     _check_database_dir(args.db)
     logging.getLogger("device_sdk").setLevel(args.log_level.upper())
     verifier = Verifier.open(
-        args.db, config, redis_url=args.redis, signing_key_path=args.signing_key
+        args.db,
+        config,
+        redis_url=args.redis,
+        signing_key_path=args.signing_key,
+        device_ca_cert=args.device_ca_cert,
+        device_ca_key=args.device_ca_key,
     )
     app = create_app(verifier)
     brokers = ", ".join(config.broker_audiences) or "none"
     print(
         f"device-sdk verifier: serving {_listen_url(args)} (issuer {config.issuer}, brokers "
-        f"{brokers}, challenges in {'Redis' if args.redis else 'SQLite'})",
+        f"{brokers}, challenges in {'Redis' if args.redis else 'SQLite'}, device CA "
+        f"{'on' if args.device_ca_cert else 'off'}, TPM attestation "
+        f"{_attestation_mode(config)})",
         file=sys.stderr,
     )
     try:
@@ -275,6 +326,12 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         verifier.close()
     return 0
+
+
+def _attestation_mode(config: Any) -> str:
+    if config.require_attestation:
+        return "required"
+    return "offered" if config.ek_roots else "off"
 
 
 def _check_database_dir(db: str) -> None:

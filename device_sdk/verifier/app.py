@@ -3,6 +3,7 @@
 Endpoints (wire format in ``docs/protocol.md``):
 
 - ``POST /v1/challenges``, ``POST /v1/token``, ``POST /v1/enroll``
+- ``POST /v1/enroll/attestation``: round one of TPM attestation (404 without trusted EK roots)
 - ``GET /.well-known/jwks.json``, ``GET /healthz``
 - ``GET /v1/whoami``: a sample protected resource that takes ``Authorization: Bearer``
 - ``POST /v1/broker/auth/rabbitmq/{user,vhost,resource,topic}``: RabbitMQ's HTTP auth backend
@@ -105,9 +106,32 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     _require_media_type(request, JSON_TYPE)
     body = await read_body(request)
     try:
-        return loads_json_object(body)
+        value = loads_json_object(body)
     except ProtocolError as exc:
         raise RequestRejected(400, "invalid_request", str(exc)) from None
+    if _contains_lone_surrogate(value):
+        # JSON allows an escaped lone surrogate such as "\ud800", but it is no Unicode text and
+        # has no UTF-8 encoding, so every later .encode() of it would raise.
+        raise RequestRejected(400, "invalid_request", "JSON string contains a lone surrogate")
+    return value
+
+
+def _contains_lone_surrogate(value: Any) -> bool:
+    """Tell whether any string in a decoded JSON value, key or value, is not valid Unicode."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
 
 
 async def read_form(request: Request) -> dict[str, str]:
@@ -245,6 +269,25 @@ def create_app(
         answer = await call(verifier.issue_access_token, verified)
         return JSONResponse(answer, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
+    @app.post("/v1/enroll/attestation")
+    async def enroll_attestation(request: Request) -> Response:
+        if not verifier.offers_attestation:
+            return JSONResponse({"error": "not_found"}, status_code=404)
+        body = await read_json_object(request)
+        enrollment_token = require_string(body, "enrollment_token")
+        fields = ("ek_certificate", "ak_public", "key_public")
+        attestation_request = {name: require_string(body, name) for name in fields}
+        try:
+            challenge = await call(
+                verifier.start_attestation,
+                enrollment_token,
+                attestation_request,
+                client_address(request),
+            )
+        except VerificationError as exc:
+            return rejection_response(exc)
+        return JSONResponse(challenge, headers={"Cache-Control": "no-store"})
+
     @app.post("/v1/enroll")
     async def enroll(request: Request) -> Response:
         body = await read_json_object(request)
@@ -252,20 +295,23 @@ def create_app(
         enrollment_token = require_string(body, "enrollment_token")
         backend = require_string(body, "backend")
         hardware_backed = require_bool(body, "hardware_backed")
+        attestation = body.get("attestation")
+        if attestation is not None and not isinstance(attestation, dict):
+            raise RequestRejected(400, "invalid_request", "field 'attestation' must be an object")
         try:
-            record, created = await call(
-                verifier.enroll,
+            enrollment = await call(
+                verifier.enroll_device,
                 csr,
                 enrollment_token,
                 backend,
                 hardware_backed,
                 client_address(request),
+                attestation=attestation,
             )
         except VerificationError as exc:
             return rejection_response(exc)
-        # NOTE: the verifier issues no device certificates yet, so "certificate" is always null.
-        answer = {"device": record.to_json(), "certificate": None}
-        return JSONResponse(answer, status_code=201 if created else 200)
+        answer = {"device": enrollment.record.to_json(), "certificate": enrollment.certificate_pem}
+        return JSONResponse(answer, status_code=201 if enrollment.created else 200)
 
     @app.get("/v1/whoami")
     async def whoami(request: Request) -> Response:

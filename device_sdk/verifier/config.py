@@ -15,6 +15,7 @@ from device_sdk.auth.challenge import MAX_CHALLENGE_LIFETIME
 from device_sdk.auth.channel_binding import tls_server_end_point
 from device_sdk.auth.flows import TOKEN_PATH
 from device_sdk.errors import ConfigError
+from device_sdk.verifier.device_ca import DEFAULT_CERTIFICATE_LIFETIME
 from device_sdk.verifier.jws import MAX_ASSERTION_BYTES
 from device_sdk.verifier.ratelimit import RateLimit
 from device_sdk.verifier.signatures import SUPPORTED_ALGORITHMS
@@ -37,6 +38,34 @@ def channel_bindings_from_pem(*paths: str | Path) -> frozenset[bytes]:
             raise ConfigError(f"cannot read a PEM certificate from {path}: {exc}") from None
         values.add(tls_server_end_point(certificate.public_bytes(serialization.Encoding.DER)))
     return frozenset(values)
+
+
+def ek_certificates_from_pem(
+    *paths: str | Path,
+) -> tuple[tuple[x509.Certificate, ...], tuple[x509.Certificate, ...]]:
+    """Return the trusted EK roots and intermediate CAs in PEM files, for TPM attestation.
+
+    Self-signed certificates are the roots; every other certificate is an intermediate CA that
+    must chain to a root. A file may contain several certificates.
+    """
+    roots: list[x509.Certificate] = []
+    intermediates: list[x509.Certificate] = []
+    for path in paths:
+        try:
+            certificates = x509.load_pem_x509_certificates(Path(path).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read EK CA certificates from {path}: {exc}") from None
+        for certificate in certificates:
+            if certificate.issuer == certificate.subject:
+                roots.append(certificate)
+            else:
+                intermediates.append(certificate)
+    if paths and not roots:
+        raise ConfigError(
+            f"{', '.join(str(path) for path in paths)} contain no self-signed root CA "
+            "certificate; add the EK root of the TPM maker"
+        )
+    return tuple(roots), tuple(intermediates)
 
 
 def _check_audience_url(url: str, what: str) -> None:
@@ -83,6 +112,13 @@ class VerifierConfig:
     # delay that device's logins until it refills; a larger budget shortens the delay.
     failure_limit_per_device: RateLimit | None = RateLimit(capacity=10, per_second=1 / 30)
     nonceless_audiences: frozenset[str] = frozenset()
+    # TPM attestation at enrollment: trusted EK CAs (ek_certificates_from_pem), and whether a
+    # device without an attested key is rejected with reason attestation_required.
+    ek_roots: tuple[x509.Certificate, ...] = ()
+    ek_intermediates: tuple[x509.Certificate, ...] = ()
+    require_attestation: bool = False
+    # Lifetime of the client certificates the device CA issues, in seconds.
+    device_certificate_lifetime: int = DEFAULT_CERTIFICATE_LIFETIME
 
     def __post_init__(self) -> None:
         _check_audience_url(self.issuer, "issuer")
@@ -114,6 +150,17 @@ class VerifierConfig:
             raise ConfigError(
                 f"access token lifetime {self.access_token_lifetime} s is outside "
                 f"1..{MAX_ACCESS_TOKEN_LIFETIME} s"
+            )
+        if self.require_attestation and not self.ek_roots:
+            raise ConfigError(
+                "require_attestation needs trusted EK root certificates (--ek-ca PEM); "
+                "without them no device can be attested"
+            )
+        if self.ek_intermediates and not self.ek_roots:
+            raise ConfigError("EK intermediate CAs are given, but no EK root CA")
+        if self.device_certificate_lifetime < 60:
+            raise ConfigError(
+                f"device certificate lifetime {self.device_certificate_lifetime} s is below 60 s"
             )
         if self.max_assertion_bytes < 512:
             raise ConfigError(f"max assertion size {self.max_assertion_bytes} is below 512 bytes")

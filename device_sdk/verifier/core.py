@@ -13,7 +13,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,10 +24,17 @@ from device_sdk.auth.assertion import ASSERTION_TYPE, MAX_ASSERTION_LIFETIME, ne
 from device_sdk.auth.challenge import NONCE_BYTES, Challenge
 from device_sdk.auth.encoding import b64url_decode, b64url_encode
 from device_sdk.auth.flows import MAX_NONCELESS_LIFETIME
-from device_sdk.errors import ProtocolError, VerificationError
+from device_sdk.errors import ConfigError, ProtocolError, VerificationError
 from device_sdk.verifier.audit import log_decision
 from device_sdk.verifier.config import VerifierConfig
-from device_sdk.verifier.enrollment import record_from_csr
+from device_sdk.verifier.device_ca import DeviceCA
+from device_sdk.verifier.enrollment import (
+    Enrollment,
+    begin_attestation,
+    finish_attestation,
+    issue_certificate,
+    record_from_csr,
+)
 from device_sdk.verifier.jws import CompactJWS, parse_compact_jws
 from device_sdk.verifier.ratelimit import TokenBucketLimiter
 from device_sdk.verifier.registry import (
@@ -50,6 +57,7 @@ from device_sdk.verifier.tokens import (
     public_jwk,
     sign_access_token,
 )
+from device_sdk.verifier.tpm_attestation import TpmAttestationVerifier
 
 AudienceKind = Literal["http", "mqtt"]
 
@@ -100,8 +108,9 @@ class Verifier:
 
     ``registry`` stores device records and enrollment tokens, ``challenges`` the issued
     challenges. ``signing_key`` signs access tokens; without one, a fresh key is generated and
-    lives only as long as this object (use :meth:`open` to keep it in a file). ``clock``
-    returns Unix time and exists for tests. All methods are safe to call from several threads.
+    lives only as long as this object (use :meth:`open` to keep it in a file). ``device_ca``,
+    if given, issues a client certificate to every enrolled device. ``clock`` returns Unix time
+    and exists for tests. All methods are safe to call from several threads.
     """
 
     def __init__(
@@ -111,12 +120,19 @@ class Verifier:
         registry: DeviceRegistry,
         challenges: ChallengeStore,
         signing_key: ec.EllipticCurvePrivateKey | None = None,
+        device_ca: DeviceCA | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.registry = registry
         self.challenges = challenges
         self._clock = clock
+        self.device_ca = device_ca
+        self._attestation = (
+            TpmAttestationVerifier(config.ek_roots, config.ek_intermediates)
+            if config.ek_roots
+            else None
+        )
         self._token_url = config.expected_token_url
         self._signing_key = signing_key or ec.generate_private_key(ec.SECP256R1())
         self._jwk = public_jwk(self._signing_key.public_key())
@@ -148,12 +164,23 @@ class Verifier:
         *,
         redis_url: str | None = None,
         signing_key_path: str | Path | None = None,
+        device_ca_cert: str | Path | None = None,
+        device_ca_key: str | Path | None = None,
     ) -> Verifier:
         """Open a verifier on a SQLite database, with challenges in it or in Redis.
 
         The access-token signing key is read from ``signing_key_path``, by default
         ``<db stem>-signing-key.pem`` beside the database, and created there (mode 0600) if absent.
+        ``device_ca_cert`` and ``device_ca_key`` (PEM files, the key of mode 0600) make the
+        verifier a device CA (:class:`~device_sdk.verifier.device_ca.DeviceCA`).
         """
+        if (device_ca_cert is None) != (device_ca_key is None):
+            raise ConfigError("the device CA needs both its certificate and its key, or neither")
+        device_ca = None
+        if device_ca_cert is not None and device_ca_key is not None:
+            device_ca = DeviceCA.from_pem_files(
+                device_ca_cert, device_ca_key, config.device_certificate_lifetime
+            )
         db_path = Path(db_path)
         registry = SQLiteDeviceRegistry(db_path)
         challenges: ChallengeStore
@@ -166,7 +193,13 @@ class Verifier:
         if signing_key_path is None:
             signing_key_path = db_path.with_name(db_path.stem + "-signing-key.pem")
         signing_key = load_or_create_signing_key(signing_key_path)
-        return cls(config, registry=registry, challenges=challenges, signing_key=signing_key)
+        return cls(
+            config,
+            registry=registry,
+            challenges=challenges,
+            signing_key=signing_key,
+            device_ca=device_ca,
+        )
 
     def close(self) -> None:
         """Close the stores' connections."""
@@ -575,22 +608,100 @@ class Verifier:
     ) -> tuple[DeviceRecord, bool]:
         """Register the key of a CSR as a device, spending a one-time enrollment token.
 
-        The CSR must be signed by the key it names. Returns the record and whether it was created
-        now; the same key presenting its spent token again gets its record back with ``False``.
-        Raises :class:`VerificationError` with ``bad_csr``, ``unsupported_algorithm``,
-        ``enrollment_token_invalid``, ``enrollment_token_used`` or ``revoked_device``.
+        Returns the record and whether it was created now; :meth:`enroll_device` also returns
+        the device certificate and takes TPM attestation evidence.
+        """
+        enrollment = self.enroll_device(
+            csr_pem, enrollment_token, backend, hardware_backed, client_address
+        )
+        return enrollment.record, enrollment.created
+
+    @property
+    def offers_attestation(self) -> bool:
+        """True when EK roots are configured, so :meth:`start_attestation` can be called."""
+        return self._attestation is not None
+
+    def start_attestation(
+        self,
+        enrollment_token: str,
+        request: dict[str, Any],
+        client_address: str | None = None,
+    ) -> dict[str, Any]:
+        """Run round one of TPM attestation for an enrollment; return the credential challenge.
+
+        ``request`` has ``ek_certificate``, ``ak_public`` and ``key_public``. The verifier keeps
+        the state for ``challenge_lifetime`` seconds, bound to the enrollment token, which must
+        be unspent (or spent by this key). Raises :class:`VerificationError` with the token
+        reasons of :meth:`enroll_device` or an ``attestation_*`` reason.
         """
         device_id = None
         try:
+            if self._attestation is None:
+                raise VerificationError(
+                    "attestation_unavailable", "this verifier has no trusted EK roots"
+                )
+            if not isinstance(enrollment_token, str) or not enrollment_token:
+                raise VerificationError("enrollment_token_invalid", "enrollment token is empty")
+            challenge, state, device_id = begin_attestation(self._attestation, request)
+            token_hash = hash_enrollment_token(enrollment_token)
+            now = self.now()
+            self.registry.check_enrollment_token(token_hash, device_id, now)
+            expires_at = now + self.config.challenge_lifetime
+            self.registry.put_pending_attestation(token_hash, state, expires_at)
+        except VerificationError as exc:
+            log_decision(
+                "attestation_challenge",
+                "reject",
+                reason=exc.reason,
+                device_id=device_id,
+                client_address=client_address,
+                detail=exc.detail,
+            )
+            raise
+        log_decision(
+            "attestation_challenge", "accept", device_id=device_id, client_address=client_address
+        )
+        return {**challenge, "expires_at": expires_at}
+
+    def enroll_device(
+        self,
+        csr_pem: str | bytes,
+        enrollment_token: str,
+        backend: str,
+        hardware_backed: bool,
+        client_address: str | None = None,
+        *,
+        attestation: dict[str, Any] | None = None,
+    ) -> Enrollment:
+        """Register the key of a CSR as a device, spending a one-time enrollment token.
+
+        The CSR must be signed by the key it names. ``attestation`` is the device's answer to
+        :meth:`start_attestation`'s challenge; the record is ``attested`` when it passes. With a
+        device CA, the device gets a client certificate, the same one on every enrollment of the
+        key. The same key presenting its spent token again gets its record back, ``created``
+        False. Raises :class:`VerificationError` with ``bad_csr``, ``unsupported_algorithm``,
+        ``enrollment_token_invalid``, ``enrollment_token_used``, ``revoked_device``,
+        ``attestation_required`` or an ``attestation_*`` reason of the checks.
+        """
+        device_id = None
+        try:
+            now = self.now()
             record = record_from_csr(
-                csr_pem, backend, hardware_backed, self.config.algorithms, self.now()
+                csr_pem, backend, hardware_backed, self.config.algorithms, now
             )
             device_id = record.device_id
             if not isinstance(enrollment_token, str) or not enrollment_token:
                 raise VerificationError("enrollment_token_invalid", "enrollment token is empty")
-            stored, created = self.registry.enroll(
-                hash_enrollment_token(enrollment_token), record, self.now()
-            )
+            token_hash = hash_enrollment_token(enrollment_token)
+            if attestation is not None:
+                self._check_attestation(token_hash, attestation, record, now)
+                record = replace(record, attested=True)
+            elif self.config.require_attestation:
+                raise VerificationError(
+                    "attestation_required", "this verifier enrolls only TPM-attested keys"
+                )
+            stored, created = self.registry.enroll(token_hash, record, now)
+            certificate = self._device_certificate(csr_pem, stored, now)
         except VerificationError as exc:
             log_decision(
                 "enroll",
@@ -609,8 +720,44 @@ class Verifier:
             created=created,
             backend=stored.backend,
             hardware_backed=stored.hardware_backed,
+            attested=stored.attested,
+            certificate=certificate is not None,
         )
-        return stored, created
+        return Enrollment(stored, created, certificate)
+
+    def _check_attestation(
+        self, token_hash: str, evidence: dict[str, Any], record: DeviceRecord, now: int
+    ) -> None:
+        if self._attestation is None:
+            raise VerificationError(
+                "attestation_unavailable", "evidence was sent, but this verifier has no EK roots"
+            )
+        pending = self.registry.take_pending_attestation(token_hash)
+        if pending is None:
+            raise VerificationError(
+                "attestation_unknown",
+                "no attestation was started with this enrollment token, or it was used",
+            )
+        state, expires_at = pending
+        if now > expires_at:
+            raise VerificationError(
+                "attestation_expired", f"the attestation challenge expired {now - expires_at} s ago"
+            )
+        public_key = serialization.load_pem_public_key(record.public_key_pem.encode("ascii"))
+        if not isinstance(public_key, PublicKey):
+            raise VerificationError("unsupported_algorithm", "CSR key type is not supported")
+        finish_attestation(self._attestation, state, evidence, public_key)
+
+    def _device_certificate(
+        self, csr_pem: str | bytes, record: DeviceRecord, now: int
+    ) -> str | None:
+        if self.device_ca is None:
+            return None
+        stored = self.registry.device_certificate(record.device_id)
+        if stored is not None:
+            return stored
+        certificate = issue_certificate(self.device_ca, csr_pem, record.device_id, now)
+        return self.registry.store_device_certificate(record.device_id, certificate, now)
 
     def get_device(self, device_id: str) -> DeviceRecord | None:
         """Return a device record, or None if the device was never enrolled."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,6 +34,8 @@ class DeviceRecord:
     hardware_backed: bool
     enrolled_at: int
     revoked_at: int | None = None
+    # True when a TPM attested at enrollment that it contains the private key.
+    attested: bool = False
 
     @property
     def active(self) -> bool:
@@ -72,8 +74,24 @@ class DeviceRegistry(Protocol):
         Returns the stored record and whether it was created now. A token already redeemed by
         the same device returns the existing record with ``False``, so provisioning can be re-run.
         Raises :class:`VerificationError` with ``enrollment_token_invalid`` (unknown or expired),
-        ``enrollment_token_used`` (redeemed by another device) or ``revoked_device``.
+        ``enrollment_token_used`` (redeemed by another device) or ``revoked_device``. A record
+        with ``attested`` True marks an enrolled, unattested device as attested.
         """
+
+    def check_enrollment_token(self, token_hash: str, device_id: str, now: int) -> None:
+        """Raise the token errors :meth:`enroll` would raise for ``device_id``; spend nothing."""
+
+    def device_certificate(self, device_id: str) -> str | None:
+        """Return the PEM client certificate issued to a device, or None if none was issued."""
+
+    def store_device_certificate(self, device_id: str, certificate_pem: str, now: int) -> str:
+        """Store a device's certificate unless it has one already; return the stored one."""
+
+    def put_pending_attestation(self, token_hash: str, data: str, expires_at: int) -> None:
+        """Store the attestation state of an enrollment token, replacing an earlier one."""
+
+    def take_pending_attestation(self, token_hash: str) -> tuple[str, int] | None:
+        """Delete and return an enrollment token's attestation state and its expiry, or None."""
 
     def close(self) -> None:
         """Release connections."""
@@ -88,7 +106,8 @@ CREATE TABLE IF NOT EXISTS devices (
     backend TEXT NOT NULL,
     hardware_backed INTEGER NOT NULL,
     enrolled_at INTEGER NOT NULL,
-    revoked_at INTEGER
+    revoked_at INTEGER,
+    attested INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS enrollment_tokens (
     token_hash TEXT PRIMARY KEY,
@@ -97,16 +116,39 @@ CREATE TABLE IF NOT EXISTS enrollment_tokens (
     used_by TEXT,
     used_at INTEGER
 );
+CREATE TABLE IF NOT EXISTS device_certificates (
+    device_id TEXT PRIMARY KEY,
+    certificate_pem TEXT NOT NULL,
+    issued_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending_attestations (
+    token_hash TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+);
 """
 
 _SELECT_DEVICES = (
     "SELECT device_id, algorithm, public_key_pem, status, backend, hardware_backed, enrolled_at, "
-    "revoked_at FROM devices"
+    "revoked_at, attested FROM devices"
 )
 _INSERT_DEVICE = (
     "INSERT INTO devices (device_id, algorithm, public_key_pem, status, backend, hardware_backed, "
-    "enrolled_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "enrolled_at, revoked_at, attested) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+
+
+def _add_attested_column(connection: sqlite3.Connection) -> None:
+    """Add ``devices.attested`` to a database created before attestation existed."""
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(devices)")}
+    if "attested" in columns:
+        return
+    try:
+        connection.execute("ALTER TABLE devices ADD COLUMN attested INTEGER NOT NULL DEFAULT 0")
+    except sqlite3.OperationalError as exc:
+        # Another process opening the same database may have added it first.
+        if "duplicate column" not in str(exc):
+            raise
 
 
 def _record_from_row(row: tuple[Any, ...]) -> DeviceRecord:
@@ -119,6 +161,7 @@ def _record_from_row(row: tuple[Any, ...]) -> DeviceRecord:
         hardware_backed=bool(row[5]),
         enrolled_at=row[6],
         revoked_at=row[7],
+        attested=bool(row[8]),
     )
 
 
@@ -132,6 +175,7 @@ class SQLiteDeviceRegistry:
 
     def __init__(self, path: str | Path | ThreadConnections) -> None:
         self._connections = open_connections(path, _REGISTRY_SCHEMA)
+        _add_attested_column(self._connections.get())
         # Records by device id, each with the cache generation in which its row was read.
         self._records: dict[str, tuple[int, DeviceRecord]] = {}
         self._generation = 0
@@ -233,7 +277,7 @@ class SQLiteDeviceRegistry:
 
         if used_by is not None:
             if used_by == record.device_id and existing is not None:
-                return existing, False
+                return self._mark_attested(connection, existing, record), False
             raise VerificationError(
                 "enrollment_token_used",
                 "token was redeemed by another device",
@@ -251,7 +295,7 @@ class SQLiteDeviceRegistry:
             (record.device_id, now, token_hash),
         )
         if existing is not None:
-            return existing, False
+            return self._mark_attested(connection, existing, record), False
         connection.execute(
             _INSERT_DEVICE,
             (
@@ -263,9 +307,84 @@ class SQLiteDeviceRegistry:
                 int(record.hardware_backed),
                 record.enrolled_at,
                 record.revoked_at,
+                int(record.attested),
             ),
         )
         return record, True
+
+    def _mark_attested(
+        self, connection: sqlite3.Connection, existing: DeviceRecord, record: DeviceRecord
+    ) -> DeviceRecord:
+        """Record a new attestation of an enrolled key; the other fields stay as enrolled."""
+        if not record.attested or existing.attested:
+            return existing
+        connection.execute(
+            "UPDATE devices SET attested = 1 WHERE device_id = ?", (existing.device_id,)
+        )
+        return replace(existing, attested=True)
+
+    def check_enrollment_token(self, token_hash: str, device_id: str, now: int) -> None:
+        token = (
+            self._connections.get()
+            .execute(
+                "SELECT expires_at, used_by FROM enrollment_tokens WHERE token_hash = ?",
+                (token_hash,),
+            )
+            .fetchone()
+        )
+        if token is None:
+            raise VerificationError("enrollment_token_invalid", "no such enrollment token")
+        expires_at, used_by = token
+        if used_by is not None and used_by != device_id:
+            raise VerificationError(
+                "enrollment_token_used", "token was redeemed by another device", device_id=device_id
+            )
+        if used_by is None and expires_at is not None and now >= expires_at:
+            raise VerificationError("enrollment_token_invalid", "enrollment token expired")
+
+    def device_certificate(self, device_id: str) -> str | None:
+        row = (
+            self._connections.get()
+            .execute(
+                "SELECT certificate_pem FROM device_certificates WHERE device_id = ?", (device_id,)
+            )
+            .fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    def store_device_certificate(self, device_id: str, certificate_pem: str, now: int) -> str:
+        # Of two enrollments of one key racing here, the first certificate stays.
+        self._connections.get().execute(
+            "INSERT OR IGNORE INTO device_certificates (device_id, certificate_pem, issued_at) "
+            "VALUES (?, ?, ?)",
+            (device_id, certificate_pem, now),
+        )
+        stored = self.device_certificate(device_id)
+        if stored is None:
+            raise RuntimeError(f"the certificate of {device_id} was not stored")
+        return stored
+
+    def put_pending_attestation(self, token_hash: str, data: str, expires_at: int) -> None:
+        connection = self._connections.get()
+        connection.execute("DELETE FROM pending_attestations WHERE expires_at < ?", (expires_at,))
+        connection.execute(
+            "INSERT OR REPLACE INTO pending_attestations (token_hash, data, expires_at) "
+            "VALUES (?, ?, ?)",
+            (token_hash, data, expires_at),
+        )
+
+    def take_pending_attestation(self, token_hash: str) -> tuple[str, int] | None:
+        # DELETE ... RETURNING (SQLite 3.35 and later) takes the state atomically, so two
+        # enrollments cannot both use it.
+        row = (
+            self._connections.get()
+            .execute(
+                "DELETE FROM pending_attestations WHERE token_hash = ? RETURNING data, expires_at",
+                (token_hash,),
+            )
+            .fetchone()
+        )
+        return None if row is None else (str(row[0]), int(row[1]))
 
     def close(self) -> None:
         self._connections.close()

@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - cryptography before 47
     from cryptography.hazmat.primitives.ciphers.modes import CFB  # type: ignore[assignment]
 
 from device_sdk.auth.encoding import b64url_decode, b64url_encode
-from device_sdk.errors import VerificationError
+from device_sdk.errors import ProtocolError, VerificationError
 
 __all__ = [
     "REASONS",
@@ -344,7 +344,7 @@ def _field(data: dict[str, Any], name: str) -> bytes:
         raise _reject("attestation_malformed", f"{name} is missing or not a base64url string")
     try:
         return b64url_decode(value)
-    except ValueError as exc:
+    except ProtocolError as exc:
         raise _reject("attestation_malformed", f"{name} is not base64url: {exc}") from exc
 
 
