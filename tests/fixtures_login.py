@@ -13,6 +13,7 @@ database that the test process also opens to enroll devices (SQLite serialises t
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 import sys
 import threading
@@ -313,3 +314,37 @@ def amqtt_stack(
     finally:
         broker.stop()
         in_process.close()
+
+
+def create_header_echo_app() -> Any:
+    """Return an ASGI app that answers every request with its Authorization header as JSON.
+
+    ``GET /healthz`` returns ``ok`` for readiness; any other path returns
+    ``{"authorization": <header value or null>}``. Serve it with
+    ``uvicorn_factory.app("fixtures_login:create_header_echo_app")``.
+    """
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        headers = dict(scope["headers"])
+        authorization = headers.get(b"authorization")
+        if scope["path"] == "/healthz":
+            body = b"ok"
+        else:
+            value = authorization.decode("latin-1") if authorization is not None else None
+            body = json.dumps({"authorization": value}).encode()
+        await send({
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json")],
+        })
+        await send({"type": "http.response.body", "body": body})
+
+    return app

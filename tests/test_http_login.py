@@ -143,7 +143,7 @@ def test_second_401_is_returned(
         uvicorn_factory, tmp_path / "b", tls=test_pki.server, ca_path=test_pki.ca.cert_path
     )
     login_verifier.enroll(device_key)
-    auth = DeviceAuth(device_key, login_verifier.url)
+    auth = DeviceAuth(device_key, login_verifier.url, api_origins=[login_verifier.url, other.url])
 
     with httpx.Client(auth=auth, verify=test_pki.client_ssl_context()) as client:
         response = client.get(whoami_url(other))

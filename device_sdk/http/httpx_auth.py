@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Callable, Generator
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable
 
 import httpx
 
@@ -31,6 +31,7 @@ from device_sdk.auth import (
 from device_sdk.auth.assertion import PrivateKey
 from device_sdk.auth.encoding import loads_json_object
 from device_sdk.auth.flows import TOKEN_PATH
+from device_sdk.auth.origins import origin_of, token_origins
 from device_sdk.http.tls import httpx_peer_certificate
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,11 @@ class DeviceAuth(httpx.Auth):
     ``verifier_url`` is the verifier's base URL; the login audience is its issuer URL, which
     defaults to the same URL. Works with ``httpx.Client`` and ``httpx.AsyncClient``; the login
     requests go through the client the request goes through, so its TLS settings apply.
-    Raises :class:`~device_sdk.errors.LoginError` when the verifier refuses the login.
+
+    The access token goes only to requests whose origin (scheme, host, port) is in
+    ``api_origins``, by default the verifier's origin alone. Other requests pass through
+    untouched. Raises :class:`~device_sdk.errors.ConfigError` for an origin on plain http other
+    than loopback, and :class:`~device_sdk.errors.LoginError` when the verifier refuses the login.
     """
 
     # sync_auth_flow and async_auth_flow below read the body after the server certificate,
@@ -114,10 +119,12 @@ class DeviceAuth(httpx.Auth):
         *,
         audience: str | None = None,
         refresh_margin: float = REFRESH_MARGIN,
+        api_origins: Iterable[str] | None = None,
     ) -> None:
         self._key = key
         self.device_id = device_id_of(key)
         self.verifier_url = verifier_url.rstrip("/")
+        self.api_origins = token_origins(self.verifier_url, api_origins)
         self.audience = audience or self.verifier_url
         self.token_url = self.verifier_url + TOKEN_PATH
         self.tokens = TokenCache(refresh_margin)
@@ -168,6 +175,14 @@ class DeviceAuth(httpx.Auth):
         return self._certificates.get(response) or httpx_peer_certificate(response)
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if origin_of(str(request.url)) not in self.api_origins:
+            logger.debug(
+                "device %s: %s %s is outside the API origins; sent without a token",
+                self.device_id, request.method, request.url,
+            )
+            yield request
+            return
+
         token = self.tokens.get()
         # NOTE: requests that start together without a valid token each log in, since no lock
         # spans the login's requests; the last token stored wins and the others stay valid.

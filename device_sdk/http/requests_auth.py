@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import requests
@@ -27,6 +28,7 @@ from device_sdk.auth import (
 )
 from device_sdk.auth.assertion import PrivateKey
 from device_sdk.auth.flows import TOKEN_PATH
+from device_sdk.auth.origins import origin_of, token_origins
 from device_sdk.errors import TransportError
 from device_sdk.http.httpx_auth import REFRESH_MARGIN, TokenCache, answer_from_status
 from device_sdk.http.tls import requests_peer_certificate
@@ -39,7 +41,10 @@ class DeviceRequestsAuth(AuthBase):
 
     ``verify`` is passed to every login request (a CA bundle path, or True for the system store).
     It is given per request because requests lets ``REQUESTS_CA_BUNDLE`` override a session's
-    ``verify``. Raises :class:`~device_sdk.errors.LoginError` when the verifier refuses the login
+    ``verify``. The access token goes only to requests whose origin (scheme, host, port) is in
+    ``api_origins``, by default the verifier's origin alone. Other requests pass through
+    untouched. Raises :class:`~device_sdk.errors.ConfigError` for an origin on plain http other
+    than loopback, :class:`~device_sdk.errors.LoginError` when the verifier refuses the login
     and :class:`~device_sdk.errors.TransportError` when it cannot be reached.
     """
 
@@ -53,10 +58,12 @@ class DeviceRequestsAuth(AuthBase):
         timeout: float = 10.0,
         login_session: requests.Session | None = None,
         refresh_margin: float = REFRESH_MARGIN,
+        api_origins: Iterable[str] | None = None,
     ) -> None:
         self._key = key
         self.device_id = device_id_of(key)
         self.verifier_url = verifier_url.rstrip("/")
+        self.api_origins = token_origins(self.verifier_url, api_origins)
         self.audience = audience or self.verifier_url
         self.token_url = self.verifier_url + TOKEN_PATH
         self.verify = verify
@@ -68,6 +75,13 @@ class DeviceRequestsAuth(AuthBase):
         self._login_lock = threading.Lock()
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        if origin_of(request.url or "") not in self.api_origins:
+            logger.debug(
+                "device %s: %s %s is outside the API origins; sent without a token",
+                self.device_id, request.method, request.url,
+            )
+            return request
+
         token = self._current_or_login()
         request.headers["Authorization"] = token.authorization
         request.register_hook("response", self._handle_401)
