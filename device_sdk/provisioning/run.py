@@ -30,6 +30,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from device_sdk.auth.origins import require_secure_url
 from device_sdk.config import DeviceConfig, load_config, save_config
 from device_sdk.errors import ConfigError, DeviceSDKError, ProvisioningError
 from device_sdk.keys.uri import read_pin_source
@@ -433,6 +434,9 @@ def provision(
 
     ``on_step`` is called after each step, for progress output. Raises ProvisioningError with
     ``step`` set for a step failure (the backend's error is its ``__cause__``), LockHeldError
-    when another run holds the token or config, and ConfigError for invalid input.
+    when another run holds the token or config, and ConfigError for invalid input, such as a
+    verifier URL on plain http to a host other than loopback.
     """
+    # The enrollment token is a one-time secret: check before any key is made or file written.
+    require_secure_url(request.verifier_url, "verifier URL", "the enrollment token")
     return _Run(request, on_step).run()
