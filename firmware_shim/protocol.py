@@ -343,11 +343,13 @@ class FrameReader:
         self._overflow = 0
 
     def feed(self, data: bytes, now_ms: int) -> list[Frame | FrameError]:
-        """Consume ``data`` received at ``now_ms`` (any monotonic milliseconds)."""
+        """Consume ``data`` read at ``now_ms`` (any monotonic milliseconds).
+
+        feed() never drops a partial frame for its age. ``now_ms`` is when the bytes were read,
+        which is later than when they arrived if the reader was descheduled, so only a reader
+        that found no new bytes calls expire().
+        """
         events: list[Frame | FrameError] = []
-        expired = self.expire(now_ms)
-        if expired is not None:
-            events.append(expired)
         if data:
             self._last_byte_ms = now_ms
 

@@ -32,7 +32,7 @@ def link(serial_simulator: Simulator) -> Iterator[SerialLink]:
 def read_report(link: SerialLink) -> protocol.Frame:
     """Read the device's reply to a broken frame, which arrives without a request."""
     events = link.read_events(2.0)
-    assert len(events) == 1, events
+    assert len(events) == 1, [(event, getattr(event, "payload", b"")) for event in events]
     frame = events[0]
     assert isinstance(frame, protocol.Frame), frame
     return frame

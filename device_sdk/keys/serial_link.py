@@ -269,8 +269,7 @@ class SerialLink:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []
-                chunk = self._read(port, remaining)
-                events = self._reader.feed(chunk, _monotonic_ms())
+                events = self._feed(self._read(port, remaining))
                 if events:
                     return events
 
@@ -387,6 +386,14 @@ class SerialLink:
         except _port_errors() as exc:
             raise _Disconnected(str(exc), sent=True) from exc
 
+    def _feed(self, chunk: bytes) -> list[protocol.Frame | protocol.FrameError]:
+        """Parse a chunk; after a read that found nothing, drop a partial frame gone quiet."""
+        now = _monotonic_ms()
+        if chunk:
+            return self._reader.feed(chunk, now)
+        expired = self._reader.expire(now)
+        return [] if expired is None else [expired]
+
     def _exchange(self, command: int, payload: bytes, timeout: float) -> bytes:
         """Send one request and wait for its reply; the lock is held and the port open."""
         port = self._port
@@ -412,7 +419,7 @@ class SerialLink:
                 raise self._timeout(name, seq, timeout, received, discarded)
             chunk = self._read(port, remaining)
             received += len(chunk)
-            for event in self._reader.feed(chunk, _monotonic_ms()):
+            for event in self._feed(chunk):
                 reply = self._match(event, command, seq, discarded)
                 if reply is not None:
                     return reply
