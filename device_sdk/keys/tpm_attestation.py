@@ -146,8 +146,12 @@ def _create_ak(connection: TpmConnection) -> tuple[Any, TPM2B_PUBLIC]:
 
 
 def attestation_request(key: Any) -> dict[str, str]:
-    """Return round one for ``key``'s TPM: ``ek_certificate`` (DER) and ``ak_public``."""
-    connection = _signer(key).connection
+    """Return round one for ``key``'s TPM: ``ek_certificate`` (DER), ``ak_public``, ``key_public``.
+
+    ``key_public`` is the TPMT_PUBLIC of ``key``, which the verifier binds the challenge to.
+    """
+    signer = _signer(key)
+    connection = signer.connection
     with connection.lock:
         certificate, _ = _ek_certificate_and_template(connection)
         ak, ak_public = _create_ak(connection)
@@ -155,6 +159,7 @@ def attestation_request(key: Any) -> dict[str, str]:
     return {
         "ek_certificate": b64url_encode(_strip_padding(certificate)),
         "ak_public": b64url_encode(ak_public.publicArea.marshal()),
+        "key_public": b64url_encode(signer.public_area.marshal()),
     }
 
 

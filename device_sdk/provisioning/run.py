@@ -10,7 +10,9 @@ Steps, each idempotent and recorded in the state file next to the config:
 3. ``csr``: a CSR signed inside the token; subject CN and a SAN URI carry the device_id.
 4. ``enroll``: ``POST /v1/enroll`` with the one-time enrollment token, read from a file. A key
    found already enrolled (the verifier issues it a login challenge) is reused and the
-   enrollment token is left unspent.
+   enrollment token is left unspent. A TPM key first runs the attestation round
+   (``POST /v1/enroll/attestation``) when the TPM has an EK certificate and the verifier offers
+   attestation.
 5. ``certificate``: the certificate the verifier issued, if any, on the token as a certificate
    object with the key's CKA_ID, or in a PEM file next to the config for other backends.
 6. ``config``: the device config, written atomically with mode 0600.
@@ -32,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 
 from device_sdk.auth.origins import require_secure_url
 from device_sdk.config import DeviceConfig, load_config, save_config
-from device_sdk.errors import ConfigError, DeviceSDKError, ProvisioningError
+from device_sdk.errors import ConfigError, DeviceSDKError, KeyNotFoundError, ProvisioningError
 from device_sdk.keys.uri import read_pin_source
 from device_sdk.provisioning import keystore
 from device_sdk.provisioning.csr import algorithm_name, build_csr
@@ -45,7 +47,12 @@ from device_sdk.provisioning.state import (
     save_state,
     state_path_for,
 )
-from device_sdk.provisioning.verifier_client import device_is_enrolled, enroll, login_once
+from device_sdk.provisioning.verifier_client import (
+    device_is_enrolled,
+    enroll,
+    login_once,
+    start_attestation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -270,12 +277,14 @@ class _Run:
             return
 
         token = _read_enrollment_token(self.request.enrollment_token_file)
+        evidence = self._attest(token, verify) if self.key.backend == "tpm" else None
         enrollment = enroll(
             self.request.verifier_url,
             csr_pem=self.state.csr_pem,
             enrollment_token=token,
             backend=self.key.backend,
             hardware_backed=self.key.hardware_backed,
+            attestation=evidence,
             verify=verify,
         )
         if enrollment.device.get("device_id") != self.state.device_id:
@@ -293,6 +302,31 @@ class _Run:
         else:
             self._say(f"enrolled device {self.state.device_id} with {self.request.verifier_url}")
         self._record("enroll", "done", started, detail)
+
+    def _attest(self, token: str, verify: bool | str) -> dict[str, str] | None:
+        """Run TPM attestation's first round and answer its challenge; None if not possible.
+
+        Attestation is skipped when the TPM has no EK certificate or the verifier does not
+        offer it. A verifier that requires it then rejects the enrollment.
+        """
+        from device_sdk.keys import tpm_attestation
+
+        try:
+            request = tpm_attestation.attestation_request(self.key)
+        except KeyNotFoundError as exc:
+            self._say(f"enrolling without TPM attestation: {exc}")
+            return None
+        challenge = start_attestation(
+            self.request.verifier_url, enrollment_token=token, request=request, verify=verify
+        )
+        if challenge is None:
+            self._say(
+                f"enrolling without TPM attestation: {self.request.verifier_url} does not offer it"
+            )
+            return None
+        evidence = tpm_attestation.answer_challenge(self.key, challenge)
+        self._say("the TPM answered the verifier's attestation challenge")
+        return evidence
 
     def step_certificate(self) -> None:
         started = time.monotonic()

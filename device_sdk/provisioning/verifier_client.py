@@ -22,6 +22,7 @@ from device_sdk.http import DeviceAuth
 logger = logging.getLogger(__name__)
 
 ENROLL_PATH = "/v1/enroll"
+ATTESTATION_PATH = "/v1/enroll/attestation"
 HEALTH_PATH = "/healthz"
 WHOAMI_PATH = "/v1/whoami"
 TIMEOUT = 15.0
@@ -54,20 +55,24 @@ def enroll(
     enrollment_token: str,
     backend: str,
     hardware_backed: bool,
+    attestation: dict[str, str] | None = None,
     verify: bool | str = True,
 ) -> Enrollment:
     """Enroll a key with the verifier by its CSR, spending a one-time enrollment token.
 
+    ``attestation`` is the TPM's answer to :func:`start_attestation`'s challenge, if any.
     Raises ProvisioningError when the verifier rejects the token or the CSR, or cannot be
     reached; the message never contains the token.
     """
     url = _url(verifier_url, ENROLL_PATH)
-    body = {
+    body: dict[str, Any] = {
         "csr": csr_pem,
         "enrollment_token": enrollment_token,
         "backend": backend,
         "hardware_backed": hardware_backed,
     }
+    if attestation is not None:
+        body["attestation"] = attestation
     try:
         with _client(verify) as client:
             response = client.post(url, json=body)
@@ -78,10 +83,15 @@ def enroll(
         ) from exc
 
     if response.status_code == 401:
+        # The verifier sends no reason; its audit log has it.
+        if attestation is None:
+            other = "; or the verifier accepts only TPM-attested keys (--require-attestation)"
+        else:
+            other = "; or the TPM attestation failed or expired"
         raise ProvisioningError(
             f"the verifier at {url} rejected the enrollment token (HTTP 401): it is unknown, "
             "expired, or was already used by another key; create a new one with "
-            "`device-sdk verifier enrollment-token create` on the verifier",
+            f"`device-sdk verifier enrollment-token create` on the verifier{other}",
             step="enroll",
         )
     if response.status_code in (400, 422):
@@ -113,6 +123,58 @@ def enroll(
     return Enrollment(
         device=device, certificate_pem=certificate, created=response.status_code == 201
     )
+
+
+def start_attestation(
+    verifier_url: str,
+    *,
+    enrollment_token: str,
+    request: dict[str, str],
+    verify: bool | str = True,
+) -> dict[str, Any] | None:
+    """Send round one of TPM attestation; return the verifier's credential challenge.
+
+    ``request`` is :func:`device_sdk.keys.tpm_attestation.attestation_request`'s result.
+    Returns None when the verifier does not offer attestation (HTTP 404). Raises
+    ProvisioningError when it rejects the request; the message never contains the token.
+    """
+    url = _url(verifier_url, ATTESTATION_PATH)
+    body = {"enrollment_token": enrollment_token, **request}
+    try:
+        with _client(verify) as client:
+            response = client.post(url, json=body)
+    except httpx.HTTPError as exc:
+        raise ProvisioningError(
+            f"cannot reach the verifier at {url}: {exc}; check --verifier and the network",
+            step="enroll",
+        ) from exc
+
+    if response.status_code == 404:
+        return None
+    if response.status_code == 401:
+        raise ProvisioningError(
+            f"the verifier at {url} rejected the TPM attestation request (HTTP 401): the "
+            "enrollment token is unknown, expired or used by another key, or the TPM's EK "
+            "certificate does not chain to a CA the verifier trusts (--ek-ca); its audit log "
+            "names the reason",
+            step="enroll",
+        )
+    if response.status_code != 200:
+        raise ProvisioningError(
+            f"TPM attestation at {url} failed with HTTP {response.status_code}: "
+            f"{response.text[:200]}",
+            step="enroll",
+        )
+    try:
+        challenge = response.json()
+    except ValueError:
+        challenge = None
+    if not isinstance(challenge, dict):
+        raise ProvisioningError(
+            f"the verifier at {url} sent an attestation challenge that is not a JSON object",
+            step="enroll",
+        )
+    return challenge
 
 
 def device_is_enrolled(verifier_url: str, device_id: str, *, verify: bool | str = True) -> bool:

@@ -199,6 +199,8 @@ class SQLiteDeviceRegistry:
         # generation here and the row is read again. Writes through this registry bump the
         # generation themselves. A record is tagged with the generation read *before* its
         # SELECT, so a row read before another thread's bump can never be served after it.
+        # NOTE: with several threads verifying at once, each thread's nonce consumes are other
+        # connections' commits for the rest, so the cache then mostly misses (but stays correct).
         generation = self._generation
         if self._connections.data_version_changed():
             generation = self._invalidate()
