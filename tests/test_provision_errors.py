@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,8 +15,9 @@ from fixtures_provision import ProvisionLab
 from fixtures_services import free_port
 
 from device_sdk.config import load_config, save_config
-from device_sdk.errors import ConfigError
+from device_sdk.errors import ConfigError, ProvisioningError
 from device_sdk.provisioning import ProvisioningRequest, provision
+from device_sdk.provisioning.state import ProvisioningState, load_state, save_state
 
 REMOTE_HTTP_URL = "http://verifier.example.com"
 
@@ -98,3 +103,129 @@ def test_login_accepts_loopback_http(provision_lab: ProvisionLab) -> None:
     login = lab.login(config_path)
 
     assert login.returncode == 0, login.stderr
+
+
+@contextlib.contextmanager
+def read_only_directory(directory: Path) -> Iterator[None]:
+    """Make ``directory`` unwritable for this process: mode 0500, or the immutable flag for root.
+
+    Root ignores file modes, so as root the directory gets ``chattr +i`` (ext4 and most
+    local file systems support it) and loses it again afterwards.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        directory.chmod(0o500)
+        try:
+            yield
+        finally:
+            directory.chmod(0o700)
+        return
+
+    chattr = shutil.which("chattr")
+    if chattr is None:
+        pytest.skip("chattr not found; install it with: sudo apt-get install -y e2fsprogs")
+    made = subprocess.run([chattr, "+i", str(directory)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make {directory} immutable as root: {made.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", str(directory)], check=True)
+
+
+def test_provision_config_parent_is_file(provision_lab: ProvisionLab) -> None:
+    lab = provision_lab
+    token = lab.new_token("edge-01")
+    blocker = lab.directory / "file"
+    blocker.write_text("not a directory\n")
+    config_path = blocker / "device.toml"
+
+    line = one_error_line(
+        lab.run(*lab.provision_args(lab.key_uri(token), config_path, lab.enrollment_token_file()))
+    )
+
+    assert line == (
+        f"device-sdk: error: cannot create config directory {blocker}: {blocker} is a file, "
+        "not a directory; pass --config with a path whose parent is a directory"
+    )
+    assert lab.count_objects(token)["private_keys"] == 0
+
+
+def test_provision_config_under_file_path(provision_lab: ProvisionLab) -> None:
+    lab = provision_lab
+    token = lab.new_token("edge-01")
+    blocker = lab.directory / "file"
+    blocker.write_text("not a directory\n")
+    config_path = blocker / "sub" / "device.toml"
+
+    line = one_error_line(
+        lab.run(*lab.provision_args(lab.key_uri(token), config_path, lab.enrollment_token_file()))
+    )
+
+    assert f"cannot create config directory {blocker / 'sub'}: {blocker} is a file" in line
+    assert lab.count_objects(token)["private_keys"] == 0
+
+
+def test_provision_read_only_config_directory(provision_lab: ProvisionLab) -> None:
+    lab = provision_lab
+    token = lab.new_token("edge-01")
+    directory = lab.directory / "etc"
+    token_file = lab.enrollment_token_file()
+
+    with read_only_directory(directory):
+        line = one_error_line(
+            lab.run(*lab.provision_args(lab.key_uri(token), directory / "device.toml", token_file))
+        )
+        assert list(directory.iterdir()) == []
+
+    assert line == (
+        f"device-sdk: error: config directory {directory} is not writable by this user; make "
+        "it writable, or pass --config with a path in a directory this user can write"
+    )
+    assert lab.count_objects(token)["private_keys"] == 0
+
+
+def test_provision_lock_directory_under_file(provision_lab: ProvisionLab) -> None:
+    lab = provision_lab
+    token = lab.new_token("edge-01")
+    blocker = lab.directory / "file"
+    blocker.write_text("not a directory\n")
+    args = lab.provision_args(
+        lab.key_uri(token), lab.directory / "device.toml", lab.enrollment_token_file()
+    )
+
+    line = one_error_line(lab.run(*args, env={"DEVICE_SDK_LOCK_DIR": str(blocker / "locks")}))
+
+    assert line.startswith(f"device-sdk: error: lock: cannot open lock file {blocker}/locks/")
+    assert line.endswith(
+        ": Not a directory; set DEVICE_SDK_LOCK_DIR to a directory this user can write"
+    )
+    assert lab.count_objects(token)["private_keys"] == 0
+
+
+def test_save_state_read_only_directory(tmp_path: Path) -> None:
+    directory = tmp_path / "etc"
+    path = directory / "device.toml.state"
+
+    with read_only_directory(directory), pytest.raises(ProvisioningError) as caught:
+        save_state(path, ProvisioningState(key_uri="pkcs11:token=edge-01;object=device"))
+
+    message = str(caught.value)
+    assert message.startswith(f"state: cannot write state file {path}: ")
+    assert message.endswith(
+        f"; make {directory} writable by this user, or pass --config with a path in a "
+        "writable directory"
+    )
+
+
+def test_load_state_unreadable(tmp_path: Path) -> None:
+    path = tmp_path / "device.toml.state"
+    path.mkdir()
+
+    with pytest.raises(ProvisioningError) as caught:
+        load_state(path)
+
+    assert str(caught.value) == (
+        f"state: cannot read state file {path}: Is a directory; make it readable by this "
+        "user, or delete it to start provisioning over"
+    )

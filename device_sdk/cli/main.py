@@ -2,8 +2,8 @@
 
 Each command group lives in its own module under ``device_sdk.cli`` and exposes
 ``register(subparsers)``; the library never prints or exits, this module does. A
-``DeviceSDKError`` becomes one readable line on stderr and exit status 1; ``--debug`` adds the
-traceback.
+``DeviceSDKError`` becomes one readable line on stderr and exit status 1, and so does an
+``OSError`` that escapes a command; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -81,7 +82,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("device-sdk: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:
+        # Last resort for a file or socket error the library did not turn into a DeviceSDKError.
+        if args.debug:
+            traceback.print_exc()
+        print(f"device-sdk: error: {describe_os_error(command_name(args), exc)}", file=sys.stderr)
+        return EXIT_ERROR
     return int(status or 0)
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """Return the command that ran, with its subcommand: ``provision``, ``softhsm init``."""
+    words = [args.command]
+    subcommand = getattr(args, f"{args.command}_command", None)
+    if isinstance(subcommand, str):
+        words.append(subcommand)
+    return " ".join(words)
+
+
+def describe_os_error(operation: str, exc: OSError) -> str:
+    """Format an OSError as ``<operation>: <strerror>: <path>`` (the path only when known)."""
+    parts = [operation, exc.strerror or str(exc)]
+    if exc.filename is not None:
+        path = os.fsdecode(exc.filename) if isinstance(exc.filename, bytes) else str(exc.filename)
+        if exc.filename2 is not None:
+            path += f" -> {os.fsdecode(exc.filename2)}"
+        parts.append(path)
+    return ": ".join(parts)
 
 
 if __name__ == "__main__":

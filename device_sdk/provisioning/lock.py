@@ -75,8 +75,15 @@ def exclusive_lock(lock_path: Path, *, what: str) -> Iterator[Path]:
     ``what`` names the locked resource in the error, for example ``token 'edge-01'``. The call
     does not wait: a second run gets the error at once.
     """
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ProvisioningError(
+            f"cannot open lock file {lock_path}: {exc.strerror}; set {LOCK_DIR_ENV} to a "
+            "directory this user can write",
+            step="lock",
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

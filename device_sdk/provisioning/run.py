@@ -406,7 +406,7 @@ class _Run:
     # --- driver -------------------------------------------------------------------------------
 
     def run(self) -> ProvisioningResult:
-        self.config_path.parent.mkdir(parents=True, exist_ok=True)
+        prepare_config_directory(self.config_path)
         with (
             exclusive_lock(lock_path_for(self.key_ref.lock_name), what=self.key_ref.describe()),
             exclusive_lock(
@@ -438,6 +438,36 @@ class _Run:
             certificate_location=self.state.certificate_location,
             steps=self.outcomes,
             messages=self.messages,
+        )
+
+
+def prepare_config_directory(config_path: Path) -> None:
+    """Create the directory of ``config_path`` (parents too) and check this user can write it.
+
+    Runs before any key is made, so a config path that cannot be written creates nothing.
+    Raises ConfigError naming the directory and the fix.
+    """
+    directory = config_path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(
+            (parent for parent in (directory, *directory.parents) if parent.is_file()), directory
+        )
+        raise ConfigError(
+            f"cannot create config directory {directory}: {blocker} is a file, not a "
+            "directory; pass --config with a path whose parent is a directory"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create config directory {directory}: {exc.strerror}; create it, or pass "
+            "--config with a path in a directory this user can write"
+        ) from None
+
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"config directory {directory} is not writable by this user; make it writable, "
+            "or pass --config with a path in a directory this user can write"
         )
 
 

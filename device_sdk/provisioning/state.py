@@ -84,6 +84,12 @@ def load_state(path: Path) -> ProvisioningState | None:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise ProvisioningError(
+            f"cannot read state file {path}: {exc.strerror}; make it readable by this user, "
+            "or delete it to start provisioning over",
+            step="state",
+        ) from None
 
     try:
         raw = json.loads(text)
@@ -104,7 +110,14 @@ def load_state(path: Path) -> ProvisioningState | None:
 
 
 def save_state(path: Path, state: ProvisioningState) -> None:
-    """Write the state record atomically with mode 0600."""
+    """Write the state record atomically with mode 0600; raises ProvisioningError on failure."""
     state.updated_at = time.time()
-    write_file_atomic(path, state.to_json().encode("utf-8"), mode=0o600)
+    try:
+        write_file_atomic(path, state.to_json().encode("utf-8"), mode=0o600)
+    except OSError as exc:
+        raise ProvisioningError(
+            f"cannot write state file {path}: {exc.strerror}; make {path.parent} writable by "
+            "this user, or pass --config with a path in a writable directory",
+            step="state",
+        ) from None
     logger.debug("saved provisioning state %s: completed %s", path, state.completed)
