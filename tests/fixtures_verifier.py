@@ -115,6 +115,7 @@ def verifier_config(**overrides: Any) -> VerifierConfig:
         "challenge_limit_per_device": None,
         "challenge_limit_per_address": None,
         "failure_limit_per_device": None,
+        "failure_limit_per_address": None,
     }
     settings.update(overrides)
     return VerifierConfig(**settings)

@@ -62,14 +62,24 @@ EXAMPLES = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
+# Text with a lone surrogate (U+D800..U+DFFF) somewhere: JSON can carry it as "\ud800", but it
+# has no UTF-8 encoding. st.text() alone never draws one.
+surrogate_text = st.builds(
+    lambda before, surrogate, after: before + surrogate + after,
+    st.text(max_size=10),
+    st.characters(categories=["Cs"]),
+    st.text(max_size=10),
+)
+strings = st.text(max_size=50) | surrogate_text
+keys = st.text(max_size=10) | surrogate_text
 json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=50),
+    | strings,
     lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    | st.dictionaries(keys, children, max_size=5),
     max_leaves=20,
 )
 header_text = st.text(
@@ -116,6 +126,12 @@ def assert_no_server_error(response: Any) -> None:
     assert response.status_code < 500, (response.status_code, response.text)
 
 
+def post_json(client: TestClient, path: str, value: Any) -> Any:
+    """POST ``value`` as ASCII JSON; httpx's own encoder cannot send a lone surrogate."""
+    body = json.dumps(value).encode("ascii")
+    return client.post(path, content=body, headers={"Content-Type": "application/json"})
+
+
 def test_random_bodies_never_5xx(app: App) -> None:
     @EXAMPLES
     @given(
@@ -137,17 +153,24 @@ def test_wrongly_typed_fields_never_5xx(app: App) -> None:
     @given(
         path=st.sampled_from(POST_PATHS),
         fields=st.dictionaries(
-            st.sampled_from(FIELDS) | st.text(max_size=8), json_values, max_size=8
+            st.sampled_from(FIELDS) | keys, json_values, max_size=8
         ),
         as_form=st.booleans(),
     )
     def check(path: str, fields: dict[str, Any], as_form: bool) -> None:
         if as_form:
-            form = {name: value if isinstance(value, str) else json.dumps(value)
-                    for name, value in fields.items()}
+            # A form travels as UTF-8, which cannot carry a lone surrogate: send it escaped.
+            form = {
+                name.encode("utf-8", "backslashreplace").decode(): (
+                    value.encode("utf-8", "backslashreplace").decode()
+                    if isinstance(value, str)
+                    else json.dumps(value)
+                )
+                for name, value in fields.items()
+            }
             response = app.client.post(path, data=form)
         else:
-            response = app.client.post(path, json=fields)
+            response = post_json(app.client, path, fields)
         assert_no_server_error(response)
 
     check()
@@ -167,7 +190,7 @@ def mutate(token: str, data: st.DataObject) -> str:
         return token[: data.draw(st.integers(0, len(token)))]
     if kind == "insert":
         index = data.draw(st.integers(0, len(token)))
-        return token[:index] + data.draw(st.text(max_size=20)) + token[index:]
+        return token[:index] + data.draw(st.text(max_size=20) | surrogate_text) + token[index:]
     if kind == "swap":
         order = data.draw(st.permutations(parts))
         return ".".join(order)
@@ -197,21 +220,28 @@ def test_mutated_assertions_never_5xx(app: App) -> None:
     def check(data: st.DataObject, target: str) -> None:
         if target == "token":
             assertion = mutate(app.http_assertion(), data)
-            response = app.client.post("/v1/token", json={"assertion": assertion})
-            assert response.status_code in (200, 401), response.text
+            response = post_json(app.client, "/v1/token", {"assertion": assertion})
+            expected = (400,) if has_lone_surrogate(assertion) else (200, 401)
+            assert response.status_code in expected, response.text
             return
         assertion = mutate(app.mqtt_assertion(), data)
         if target == "emqx":
-            response = app.client.post(
+            response = post_json(
+                app.client,
                 "/v1/broker/auth/emqx",
-                json={"username": app.device.device_id, "password": assertion},
+                {"username": app.device.device_id, "password": assertion},
             )
-            assert response.status_code == 200
+            if has_lone_surrogate(assertion):
+                assert response.status_code == 400, response.text
+                return
+            assert response.status_code == 200, response.text
             assert response.json()["result"] in ("allow", "deny")
         else:
+            # A form travels as UTF-8, which cannot carry a lone surrogate: send it escaped.
+            password = assertion.encode("utf-8", "backslashreplace").decode()
             response = app.client.post(
                 "/v1/broker/auth/rabbitmq/user",
-                data={"username": app.device.device_id, "password": assertion},
+                data={"username": app.device.device_id, "password": password},
             )
             assert response.status_code == 200, response.text
             assert response.text in ("allow", "deny")
@@ -219,19 +249,26 @@ def test_mutated_assertions_never_5xx(app: App) -> None:
     check()
 
 
+def has_lone_surrogate(text: str) -> bool:
+    return any(0xD800 <= ord(char) <= 0xDFFF for char in text)
+
+
 def test_random_csrs_and_bearer_tokens_never_5xx(app: App) -> None:
     valid_csr = make_csr(make_key("ES256")).decode()
 
     @EXAMPLES
     @given(
-        csr=st.text(max_size=300) | st.just(valid_csr).map(lambda pem: pem[:-40]),
+        csr=st.text(max_size=300)
+        | surrogate_text
+        | st.just(valid_csr).map(lambda pem: pem[:-40])
+        | st.just(valid_csr + valid_csr),
         token=st.text(max_size=60),
         authorization=header_text,
     )
     def check(csr: str, token: str, authorization: str) -> None:
         body = {"csr": csr, "enrollment_token": token, "backend": "software",
                 "hardware_backed": False}
-        assert_no_server_error(app.client.post("/v1/enroll", json=body))
+        assert_no_server_error(post_json(app.client, "/v1/enroll", body))
         whoami = app.client.get("/v1/whoami", headers={"Authorization": authorization})
         assert whoami.status_code == 401
 

@@ -28,7 +28,7 @@ from device_sdk.verifier import (
     SQLiteChallengeStore,
     Verifier,
 )
-from device_sdk.verifier.stores import SPENT_RETENTION
+from device_sdk.verifier.stores import MAX_OUTSTANDING_CHALLENGES, SPENT_RETENTION
 
 PARALLEL_USES = 32
 
@@ -227,3 +227,31 @@ def test_two_processes_redis_single_winner(
     assert len(outcomes) == PARALLEL_USES
     assert outcomes.count("accepted") == 1
     assert outcomes.count("replayed") == PARALLEL_USES - 1
+
+
+def test_outstanding_challenges_per_device_capped(store: ChallengeStore) -> None:
+    # Each expires a second after the one before, because SQLite orders by expiry, in seconds.
+    challenges = [
+        make_challenge(1000 + number, lifetime=60 + number)
+        for number in range(MAX_OUTSTANDING_CHALLENGES + 8)
+    ]
+    for challenge in challenges:
+        store.put(challenge)
+    other_device = make_challenge(2000, device_id="e" * 43)
+    store.put(other_device)
+
+    consumed = [store.consume(challenge.nonce) for challenge in challenges]
+
+    assert consumed[:8] == [None] * 8
+    assert consumed[8:] == challenges[8:]
+    assert store.consume(other_device.nonce) == other_device
+
+
+def test_consumed_challenges_not_dropped_for_cap(store: ChallengeStore) -> None:
+    first = make_challenge(3000)
+    store.put(first)
+    assert store.consume(first.nonce) == first
+    for number in range(MAX_OUTSTANDING_CHALLENGES + 1):
+        store.put(make_challenge(3001 + number))
+
+    assert store.was_consumed(first.nonce)

@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8443
 
+MAX_TOKEN_COUNT = 10_000
+"""Most enrollment tokens one ``enrollment-token create`` makes; each is one database insert."""
+
 # The management commands never check an assertion, so the issuer they configure is unused.
 MANAGEMENT_ISSUER = "http://127.0.0.1"
 
@@ -156,7 +159,10 @@ def _register_enrollment_tokens(
         "is the only time the tokens are shown: hand them to provisioning in a file of mode 0600.",
     )
     _add_db_option(create)
-    create.add_argument("--count", type=int, default=1, help="number of tokens (default: 1)")
+    create.add_argument(
+        "--count", type=int, default=1,
+        help=f"number of tokens, at most {MAX_TOKEN_COUNT} (default: 1)",
+    )
     lifetime = create.add_mutually_exclusive_group()
     lifetime.add_argument(
         "--lifetime", type=int, metavar="SECONDS",
@@ -276,6 +282,7 @@ def build_config(args: argparse.Namespace) -> Any:
             challenge_limit_per_device=None,
             challenge_limit_per_address=None,
             failure_limit_per_device=None,
+            failure_limit_per_address=None,
         )
     return VerifierConfig(**settings)
 
@@ -371,8 +378,11 @@ def _open_management_verifier(db: str, redis_url: str | None = None, *, create: 
 
 
 def run_create_tokens(args: argparse.Namespace) -> int:
-    if args.count < 1:
-        raise ConfigError(f"--count must be at least 1, got {args.count}")
+    if not 1 <= args.count <= MAX_TOKEN_COUNT:
+        raise ConfigError(
+            f"--count must be between 1 and {MAX_TOKEN_COUNT}, got {args.count}; "
+            "run the command again for more tokens"
+        )
     if args.lifetime is not None and args.lifetime < 1:
         raise ConfigError(f"--lifetime must be at least 1 second, got {args.lifetime}")
 

@@ -366,7 +366,9 @@ def register_broker_webhooks(
     def allow(allowed: bool) -> PlainTextResponse:
         return PlainTextResponse("allow" if allowed else "deny")
 
-    async def check_login(username: str, password: str, address: str | None) -> bool:
+    async def check_login(
+        username: str, password: str, address: str | None, *, limit_address: bool
+    ) -> bool:
         try:
             await call(
                 verifier.verify_assertion,
@@ -374,6 +376,7 @@ def register_broker_webhooks(
                 audience_kind="mqtt",
                 client_address=address,
                 expected_device_id=username,
+                limit_address=limit_address,
             )
         except VerificationError:
             # Verifier.verify_assertion has already written the audit line with the reason.
@@ -395,7 +398,11 @@ def register_broker_webhooks(
         form = await read_form(request)
         username = require_string(form, "username")
         password = require_string(form, "password")
-        return allow(await check_login(username, password, client_address(request)))
+        # RabbitMQ's user check carries no client address, so the peer here is the broker,
+        # whose failure budget all its devices would share: no per-address limit then.
+        return allow(
+            await check_login(username, password, client_address(request), limit_address=False)
+        )
 
     @app.post(RABBITMQ_PREFIX + "/vhost")
     async def rabbitmq_vhost_check(request: Request) -> Response:
@@ -479,7 +486,7 @@ def register_broker_webhooks(
         password = require_string(body, "password")
         peer = body.get("peerhost")
         address = peer if isinstance(peer, str) and peer else client_address(request)
-        allowed = await check_login(username, password, address)
+        allowed = await check_login(username, password, address, limit_address=address == peer)
         answer: dict[str, Any] = {"result": "allow" if allowed else "deny"}
         if allowed:
             answer["is_superuser"] = False

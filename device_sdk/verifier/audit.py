@@ -7,22 +7,50 @@ enrollment token is never logged: only ids, outcome, reason and client address.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 
 audit_logger = logging.getLogger("device_sdk.verifier.audit")
 
 
-_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
+_NEEDS_QUOTES = re.compile(r'[ "=]')
 MAX_VALUE_LENGTH = 200
+"""Characters of a value kept in an audit line; longer values are cut and marked."""
 
 
-def _quote(value: object) -> str:
-    text = str(value)[:MAX_VALUE_LENGTH]
+def _escape(text: str) -> str:
+    """Escape backslashes and every non-printable character as ``\\xNN``, ``\\uNNNN`` or
+    ``\\UNNNNNNNN``, so that a value from the network cannot forge lines or move a terminal."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    escaped = []
+    for char in text:
+        code = ord(char)
+        if char == "\\":
+            escaped.append("\\\\")
+        elif char.isprintable():
+            escaped.append(char)
+        elif code <= 0xFF:
+            escaped.append(f"\\x{code:02x}")
+        elif code <= 0xFFFF:
+            escaped.append(f"\\u{code:04x}")
+        else:
+            escaped.append(f"\\U{code:08x}")
+    return "".join(escaped)
+
+
+def clean_value(value: object) -> str:
+    """Return ``value`` as audit text: at most :data:`MAX_VALUE_LENGTH` characters, escaped."""
+    text = str(value)
+    if len(text) > MAX_VALUE_LENGTH:
+        text = f"{text[:MAX_VALUE_LENGTH]}...[{len(text) - MAX_VALUE_LENGTH} more characters]"
+    return _escape(text)
+
+
+def _quote(text: str) -> str:
     if text and not _NEEDS_QUOTES.search(text):
         return text
-    return json.dumps(text)
+    return '"' + text.replace('"', '\\"') + '"'
 
 
 def log_decision(
@@ -52,6 +80,12 @@ def log_decision(
     record.update(fields)
     if detail:
         record["detail"] = detail
-    present = {key: value for key, value in record.items() if value is not None}
-    line = " ".join(f"{key}={_quote(value)}" for key, value in present.items())
+    # Values are escaped for the structured copy too, since a JSON formatter may pass DEL or C1
+    # controls through unescaped. Numbers and booleans stay as they are.
+    present = {
+        key: value if isinstance(value, int | float) else clean_value(value)
+        for key, value in record.items()
+        if value is not None
+    }
+    line = " ".join(f"{key}={_quote(str(value))}" for key, value in present.items())
     audit_logger.log(level, "%s", line, extra={"audit": present})

@@ -108,9 +108,11 @@ class VerifierConfig:
     max_assertion_bytes: int = MAX_ASSERTION_BYTES
     challenge_limit_per_device: RateLimit | None = RateLimit(capacity=10, per_second=1 / 6)
     challenge_limit_per_address: RateLimit | None = RateLimit(capacity=60, per_second=1.0)
-    # NOTE: anyone who knows a device id can spend this budget with forged assertions and so
-    # delay that device's logins until it refills; a larger budget shortens the delay.
+    # Failed logins whose signature verified (replays, expired, wrong audience ...) count
+    # against the device. Every other failure counts against the client address only, because
+    # anyone can name a device in kid.
     failure_limit_per_device: RateLimit | None = RateLimit(capacity=10, per_second=1 / 30)
+    failure_limit_per_address: RateLimit | None = RateLimit(capacity=30, per_second=1.0)
     nonceless_audiences: frozenset[str] = frozenset()
     # TPM attestation at enrollment: trusted EK CAs (ek_certificates_from_pem), and whether a
     # device without an attested key is rejected with reason attestation_required.

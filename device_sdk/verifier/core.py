@@ -155,6 +155,11 @@ class Verifier:
             if config.failure_limit_per_device
             else None
         )
+        self._failures_per_address = (
+            TokenBucketLimiter(config.failure_limit_per_address)
+            if config.failure_limit_per_address
+            else None
+        )
 
     @classmethod
     def open(
@@ -259,7 +264,10 @@ class Verifier:
             raise VerificationError("wrong_audience", "audience is not served by this verifier")
         self._active_record(device_id)
         if self._challenge_per_device is not None:
-            wait = self._challenge_per_device.try_acquire(device_id)
+            # Keyed on the device and the address together: the endpoint takes no credentials,
+            # so a budget per device alone would let anyone spend the device's challenges.
+            key = f"{device_id} {client_address}" if client_address else device_id
+            wait = self._challenge_per_device.try_acquire(key)
             if wait is not None:
                 raise VerificationError(
                     "rate_limited", "too many challenges for this device", retry_after=wait
@@ -295,16 +303,29 @@ class Verifier:
         expected_device_id: str | None = None,
         expected_htm: str = "POST",
         expected_htu: str | None = None,
+        limit_address: bool = True,
     ) -> VerifiedAssertion:
         """Check an assertion completely and spend its nonce.
 
         ``audience_kind`` ``http`` expects ``aud`` = the issuer and ``htm``/``htu`` of the token
         request (``expected_htu`` defaults to the configured token URL); ``mqtt`` expects one of
         the broker audiences. ``expected_device_id`` is the MQTT username, when there is one.
-        Raises :class:`VerificationError` with the reason code; the assertion is never logged.
+        A failure whose signature verified is charged to the device's failure budget, any other
+        to ``client_address``'s, unless ``limit_address`` is False (when the address is a
+        broker's, not the device's). Raises :class:`VerificationError` with the reason code; the
+        assertion is never logged.
         """
-        context: dict[str, Any] = {"device_id": None, "known": False}
+        context: dict[str, Any] = {"device_id": None, "signed": False}
+        address_limiter = self._failures_per_address if limit_address and client_address else None
         try:
+            if address_limiter is not None and client_address:
+                wait = address_limiter.retry_after(client_address)
+                if wait is not None:
+                    raise VerificationError(
+                        "rate_limited",
+                        "too many failed assertions from this address",
+                        retry_after=wait,
+                    )
             verified = self._verify(
                 token,
                 audience_kind,
@@ -315,8 +336,14 @@ class Verifier:
             )
         except VerificationError as exc:
             device_id = exc.device_id or context["device_id"]
-            if context["known"] and self._failures_per_device is not None:
-                self._failures_per_device.try_acquire(device_id)
+            # Only the holder of the device key can make a signed assertion fail, so only such
+            # failures may lock the device out. Anyone can name a device in kid.
+            if exc.reason != "rate_limited":
+                if context["signed"]:
+                    if self._failures_per_device is not None:
+                        self._failures_per_device.try_acquire(device_id)
+                elif address_limiter is not None and client_address:
+                    address_limiter.try_acquire(client_address)
             log_decision(
                 "assertion",
                 "reject",
@@ -366,11 +393,14 @@ class Verifier:
                 )
 
         record = self._active_record(device_id)
-        context["known"] = True
         if algorithm != record.algorithm:
             raise VerificationError(
                 "algorithm_mismatch", f"alg {algorithm} but the device enrolled {record.algorithm}"
             )
+        # The signature is checked before the claims, so that every later failure is known to
+        # come from the device key and may be charged to the device (see verify_assertion).
+        self._signature_check(record)(jws.signing_input, jws.signature)
+        context["signed"] = True
 
         audience = claims["aud"]
         self._check_audience(audience, audience_kind)
@@ -381,8 +411,6 @@ class Verifier:
             self._check_http_binding(
                 claims.get("htm"), claims.get("htu"), expected_htm, expected_htu
             )
-
-        self._signature_check(record)(jws.signing_input, jws.signature)
 
         nonce = claims.get("nonce")
         if nonce is None:

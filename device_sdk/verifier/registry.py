@@ -73,6 +73,8 @@ class DeviceRegistry(Protocol):
 
         Returns the stored record and whether it was created now. A token already redeemed by
         the same device returns the existing record with ``False``, so provisioning can be re-run.
+        A valid unspent token for a key enrolled already also returns the existing record, and
+        that token stays unspent.
         Raises :class:`VerificationError` with ``enrollment_token_invalid`` (unknown or expired),
         ``enrollment_token_used`` (redeemed by another device) or ``revoked_device``. A record
         with ``attested`` True marks an enrolled, unattested device as attested.
@@ -292,12 +294,14 @@ class SQLiteDeviceRegistry:
                 "revoked_device", "a revoked device cannot enroll again", device_id=record.device_id
             )
 
+        if existing is not None:
+            # The key is enrolled already, so this token is not needed: it stays unspent for
+            # another device, and the caller gets the existing record.
+            return self._mark_attested(connection, existing, record), False
         connection.execute(
             "UPDATE enrollment_tokens SET used_by = ?, used_at = ? WHERE token_hash = ?",
             (record.device_id, now, token_hash),
         )
-        if existing is not None:
-            return self._mark_attested(connection, existing, record), False
         connection.execute(
             _INSERT_DEVICE,
             (

@@ -46,8 +46,17 @@ class ThreadConnections:
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         with self._lock:
-            first = connect_sqlite(path)
-            first.executescript(schema)
+            try:
+                first = connect_sqlite(path)
+                first.executescript(schema)
+            except sqlite3.OperationalError:
+                raise
+            except sqlite3.DatabaseError as exc:
+                # "file is not a database": the path names some other file.
+                raise ConfigError(
+                    f"{path} is not a SQLite database ({exc}); pass the path of a verifier "
+                    "database, or a new file name to create one"
+                ) from None
             self._local.connection = first
             self._all.append(first)
 

@@ -7,6 +7,9 @@ Three implementations share the :class:`ChallengeStore` interface:
   the file (WAL mode, one-statement atomic consume, busy timeout).
 - :class:`RedisChallengeStore`: several verifier replicas on several hosts.
 
+A device has at most :data:`MAX_OUTSTANDING_CHALLENGES` unconsumed challenges: issuing another
+drops its oldest one, so anyone who can request challenges cannot grow the store without bound.
+
 A consumed challenge stays behind as a spent marker until its expiry plus
 :data:`SPENT_RETENTION`, so a second use is reported as ``replayed`` and not as ``unknown_nonce``.
 Replay protection keys on the nonce (and, for assertions without a nonce, on ``jti``), never on
@@ -35,12 +38,24 @@ logger = logging.getLogger(__name__)
 SPENT_RETENTION = 300
 """Seconds a consumed or expired challenge is kept after ``expires_at``, to tell replays apart."""
 
+MAX_OUTSTANDING_CHALLENGES = 32
+"""Unconsumed challenges kept per device; :meth:`ChallengeStore.put` drops the oldest beyond it.
+
+Dropping the oldest, not refusing the newest, keeps a device able to log in while someone else
+requests challenges in its name. The device loses its own challenge only if 32 more are issued
+for it between its challenge request and its login, and the per-address limits slow that down.
+"""
+
 
 class ChallengeStore(Protocol):
     """Storage for issued challenges. Every method is safe to call from several threads."""
 
     def put(self, challenge: Challenge) -> None:
-        """Store a newly issued challenge under its nonce."""
+        """Store a newly issued challenge under its nonce.
+
+        If the device then has more than the store's ``max_outstanding`` unconsumed challenges
+        (:data:`MAX_OUTSTANDING_CHALLENGES` by default), the oldest ones are deleted.
+        """
 
     def consume(self, nonce: str) -> Challenge | None:
         """Atomically take the challenge with this nonce, expired or not; None if there is none.
@@ -65,10 +80,18 @@ class ChallengeStore(Protocol):
 class MemoryChallengeStore:
     """Challenges in a dict behind a lock: one process only."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        *,
+        max_outstanding: int = MAX_OUTSTANDING_CHALLENGES,
+    ) -> None:
         self._clock = clock
+        self._max_outstanding = max_outstanding
         self._lock = threading.Lock()
         self._challenges: dict[str, Challenge] = {}
+        # The unconsumed nonces of each device, oldest first (dicts keep insertion order).
+        self._by_device: dict[str, dict[str, None]] = {}
         self._spent: dict[str, int] = {}
         self._jtis: dict[str, int] = {}
         self._next_sweep = 0.0
@@ -80,6 +103,9 @@ class MemoryChallengeStore:
         self._next_sweep = now + 10
         horizon = now - SPENT_RETENTION
         self._challenges = {n: c for n, c in self._challenges.items() if c.expires_at > horizon}
+        self._by_device = {}
+        for nonce, challenge in self._challenges.items():
+            self._by_device.setdefault(challenge.device_id, {})[nonce] = None
         self._spent = {n: e for n, e in self._spent.items() if e > horizon}
         self._jtis = {j: e for j, e in self._jtis.items() if e > horizon}
 
@@ -87,12 +113,19 @@ class MemoryChallengeStore:
         with self._lock:
             self._sweep()
             self._challenges[challenge.nonce] = challenge
+            outstanding = self._by_device.setdefault(challenge.device_id, {})
+            outstanding[challenge.nonce] = None
+            while len(outstanding) > self._max_outstanding:
+                oldest = next(iter(outstanding))
+                del outstanding[oldest]
+                self._challenges.pop(oldest, None)
 
     def consume(self, nonce: str) -> Challenge | None:
         with self._lock:
             challenge = self._challenges.pop(nonce, None)
             if challenge is not None:
                 self._spent[nonce] = challenge.expires_at
+                self._by_device.get(challenge.device_id, {}).pop(nonce, None)
             return challenge
 
     def was_consumed(self, nonce: str) -> bool:
@@ -104,6 +137,7 @@ class MemoryChallengeStore:
             nonces = [n for n, c in self._challenges.items() if c.device_id == device_id]
             for nonce in nonces:
                 del self._challenges[nonce]
+            self._by_device.pop(device_id, None)
             return len(nonces)
 
     def remember_jti(self, jti: str, expires_at: int) -> bool:
@@ -148,9 +182,14 @@ class SQLiteChallengeStore:
     """
 
     def __init__(
-        self, path: str | Path | ThreadConnections, clock: Callable[[], float] = time.time
+        self,
+        path: str | Path | ThreadConnections,
+        clock: Callable[[], float] = time.time,
+        *,
+        max_outstanding: int = MAX_OUTSTANDING_CHALLENGES,
     ) -> None:
         self._clock = clock
+        self._max_outstanding = max_outstanding
         self._connections = open_connections(path, _CHALLENGE_SCHEMA)
         self._puts = 0
 
@@ -171,6 +210,15 @@ class SQLiteChallengeStore:
                 challenge.server_time,
                 challenge.expires_at,
             ),
+        )
+        # Keep the new challenge and the max_outstanding - 1 other unconsumed ones that expire
+        # last. Challenges that expire in the same second are dropped in no set order, and two
+        # concurrent puts may leave one extra challenge until the next put of the device.
+        connection.execute(
+            "DELETE FROM challenges WHERE nonce IN (SELECT nonce FROM challenges "
+            "WHERE device_id = ? AND consumed = 0 AND nonce != ? "
+            "ORDER BY expires_at DESC LIMIT -1 OFFSET ?)",
+            (challenge.device_id, challenge.nonce, self._max_outstanding - 1),
         )
 
         # Sweeping on every 64th put keeps the table small without a background thread.
@@ -222,6 +270,30 @@ class SQLiteChallengeStore:
         self._connections.close()
 
 
+# Stores a challenge and queues its nonce for its device. Beyond ARGV[4] queued nonces, the oldest
+# leave the queue and are deleted unless already consumed, so consumed nonces also hold places
+# and a device has at most ARGV[4] unconsumed challenges. Like the purge script below, this
+# derives challenge keys inside the script and so needs all keys on one Redis node.
+_PUT_SCRIPT = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('RPUSH', KEYS[3], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+local dropped = 0
+while redis.call('LLEN', KEYS[3]) > tonumber(ARGV[4]) do
+    local nonce = redis.call('LPOP', KEYS[3])
+    redis.call('SREM', KEYS[2], nonce)
+    local key = ARGV[5] .. nonce
+    local value = redis.call('GET', key)
+    if value and value ~= '' then
+        redis.call('DEL', key)
+        dropped = dropped + 1
+    end
+end
+return dropped
+"""
+
 # Deletes the unconsumed challenges of one device; a spent marker (empty value) stays so that a
 # replay is still reported as such. The challenge keys are derived inside the script, so this
 # needs all keys on one Redis node (no Redis Cluster).
@@ -254,10 +326,12 @@ class RedisChallengeStore:
         *,
         prefix: str = "device-sdk:",
         clock: Callable[[], float] = time.time,
+        max_outstanding: int = MAX_OUTSTANDING_CHALLENGES,
     ) -> None:
         self._redis = client
         self._prefix = prefix
         self._clock = clock
+        self._max_outstanding = max_outstanding
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "device-sdk:") -> RedisChallengeStore:
@@ -277,13 +351,18 @@ class RedisChallengeStore:
 
     def put(self, challenge: Challenge) -> None:
         value = json.dumps(challenge.to_json(), separators=(",", ":"))
-        ttl = self._ttl(challenge.expires_at)
-        device_key = self._device_key(challenge.device_id)
-        pipeline = self._redis.pipeline(transaction=True)
-        pipeline.set(self._challenge_key(challenge.nonce), value, ex=ttl)
-        pipeline.sadd(device_key, challenge.nonce)
-        pipeline.expire(device_key, ttl)
-        pipeline.execute()
+        self._redis.eval(
+            _PUT_SCRIPT,
+            3,
+            self._challenge_key(challenge.nonce),
+            self._device_key(challenge.device_id),
+            f"{self._prefix}device-queue:{challenge.device_id}",
+            value,
+            self._ttl(challenge.expires_at),
+            challenge.nonce,
+            self._max_outstanding,
+            f"{self._prefix}challenge:",
+        )
 
     def consume(self, nonce: str) -> Challenge | None:
         raw: Any = self._redis.set(self._challenge_key(nonce), "", keepttl=True, get=True, xx=True)
