@@ -1,30 +1,38 @@
 """MQTT over mutual TLS to Mosquitto with a TPM-held client key, through tpm2-openssl.
 
-swtpm sits behind tpm2-abrmd, because the tpm2 provider keeps the key loaded for the context's
-lifetime. The MQTT client runs in a subprocess: OpenSSL reads OPENSSL_CONF when Python starts.
+The client certificate is the one the verifier issued when the key enrolled, and Mosquitto
+trusts the verifier's device CA (its ``cafile``). swtpm sits behind tpm2-abrmd, because the tpm2
+provider keeps the key loaded for the context's lifetime. The MQTT client runs in a subprocess:
+OpenSSL reads OPENSSL_CONF when Python starts.
 """
 
 from __future__ import annotations
 
-import datetime
+import dataclasses
 import json
 import shutil
 import ssl
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from fastapi.testclient import TestClient
 from fixtures_services import Mosquitto, TestPKI
 from fixtures_tpm import Abrmd, require_tpm_stack
+from fixtures_verifier import verifier_config
+from test_verifier_device_ca import write_ca
 
 from device_sdk.errors import ConfigError
+from device_sdk.provisioning.csr import build_csr
+from device_sdk.verifier import Verifier
+from device_sdk.verifier.app import create_app
+from device_sdk.verifier.device_ca import DeviceCA
 
 try:
     from device_sdk.keys import tpm, tpm_tls
@@ -81,50 +89,50 @@ class DeviceTLS:
     device_id: str
     certificate: Path
     openssl_conf: Path
+    device_ca: Path
 
 
-def issue_client_certificate(key: object, pki: TestPKI, path: Path) -> None:
-    """Issue the device certificate from a CSR signed in the TPM, as an enrollment CA would."""
-    device_id = key.device_id  # type: ignore[attr-defined]
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
-    csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())  # type: ignore[arg-type]
-    assert csr.is_signature_valid
-    ca_key = serialization.load_pem_private_key(pki.ca.key_pem, None)
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(csr.subject)
-        .issuer_name(pki.ca.certificate.subject)
-        .public_key(csr.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+def enroll_for_certificate(key: object, directory: Path) -> str:
+    """Enroll ``key`` with a verifier that is a device CA; return the certificate it issued."""
+    ca_cert, ca_key = write_ca(directory)
+    verifier = Verifier.open(
+        directory / "verifier.db", verifier_config(), device_ca_cert=ca_cert, device_ca_key=ca_key
     )
-    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    try:
+        token = verifier.create_enrollment_tokens()[0]
+        csr = build_csr(key, key.device_id)  # type: ignore[arg-type, attr-defined]
+        with TestClient(create_app(verifier)) as client:
+            response = client.post(
+                "/v1/enroll",
+                json={
+                    "csr": csr, "enrollment_token": token, "backend": "tpm",
+                    "hardware_backed": True,
+                },
+            )  # fmt: skip
+    finally:
+        verifier.close()
+    assert response.status_code == 201, response.text
+    certificate: str = response.json()["certificate"]
+    return certificate
 
 
 @pytest.fixture(scope="module")
-def device_tls(
-    tpm_abrmd: Abrmd, test_pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
-) -> DeviceTLS:
+def device_tls(tpm_abrmd: Abrmd, tmp_path_factory: pytest.TempPathFactory) -> DeviceTLS:
     directory = tmp_path_factory.mktemp("device-tls")
     key_uri = f"tpm2:path={directory / 'device.tss2.pem'}?tcti={tpm_abrmd.tcti}"
     key = tpm.generate_key(key_uri, "ec-p256")
     certificate = directory / "device.crt"
-    issue_client_certificate(key, test_pki, certificate)
+    certificate.write_text(enroll_for_certificate(key, directory))
     openssl_conf = tpm_tls.write_openssl_config(directory / "openssl.cnf")
-    return DeviceTLS(key_uri, key.device_id, certificate, openssl_conf)
+    return DeviceTLS(key_uri, key.device_id, certificate, openssl_conf, directory / "device-ca.pem")
 
 
 @pytest.fixture
-def mtls_port(mosquitto: Mosquitto, test_pki: TestPKI) -> int:
+def mtls_port(mosquitto: Mosquitto, test_pki: TestPKI, device_tls: DeviceTLS) -> int:
     port = mosquitto.add_tls_listener(
         test_pki.server.cert_pem,
         test_pki.server.key_pem,
-        ca_pem=test_pki.ca.cert_pem,
+        ca_pem=device_tls.device_ca.read_bytes(),
         require_certificate=True,
     )
     mosquitto.restart()
@@ -156,8 +164,37 @@ def test_mtls_connect_with_tpm_key(
     assert result.get("error") is None
     assert result["reason"] == "Success"
     assert result["tls_version"] == "TLSv1.3"
+    certificate = x509.load_pem_x509_certificate(device_tls.certificate.read_bytes())
+    issuer = x509.load_pem_x509_certificate(device_tls.device_ca.read_bytes())
+    assert certificate.issuer == issuer.subject
     # use_identity_as_username: the broker names the client by its certificate's CN.
     assert f"u'{device_tls.device_id}'" in mosquitto.log_tail()
+
+
+def test_mtls_certificate_of_other_ca_refused(
+    device_tls: DeviceTLS,
+    tpm_abrmd: Abrmd,
+    test_pki: TestPKI,
+    mosquitto: Mosquitto,
+    mtls_port: int,
+    tmp_path: Path,
+) -> None:
+    # The same TPM key, certified by a CA that Mosquitto's cafile does not contain.
+    other_cert, other_key = write_ca(tmp_path)
+    key = tpm.open_key(device_tls.key_uri)
+    csr = x509.load_pem_x509_csr(build_csr(key, device_tls.device_id).encode("ascii"))  # type: ignore[arg-type]
+    certificate = DeviceCA.from_pem_files(other_cert, other_key).issue(
+        csr, device_tls.device_id, int(time.time())
+    )
+    foreign = dataclasses.replace(device_tls, certificate=tmp_path / "foreign.crt")
+    foreign.certificate.write_text(certificate)
+
+    result = run_client(foreign, tpm_abrmd, test_pki, mtls_port)
+
+    # With TLS 1.3 the client learns of the rejection only when the broker closes the socket.
+    assert "reason" not in result
+    assert result["tls_version"] is None
+    assert "certificate verify failed" in mosquitto.log_tail()
 
 
 def test_mtls_tls12_fails(
