@@ -46,7 +46,8 @@ class FakeAtecc608Bus:
     def __init__(self) -> None:
         self.awake = False
         self.reply = b""
-        self.busy_reads = 0
+        # The chip ignores its address until it has executed the command (2 ms here).
+        self.busy_until = 0.0
         self.temp_key: bytes | None = None
         self.keys: dict[int, ec.EllipticCurvePrivateKey] = {}
         self.counters = [0, 0]
@@ -75,12 +76,11 @@ class FakeAtecc608Bus:
         result = self._execute(opcode, mode, param2, packet[5:-2])
         self.reply = bytes((len(result) + 3,)) + result
         self.reply += atecc608.atecc_crc(self.reply)
-        self.busy_reads = 2
+        self.busy_until = host_time.monotonic() + 0.002
 
     def readfrom(self, address: int, size: int) -> bytes:
         assert address == atecc608.I2C_ADDRESS
-        if self.busy_reads:
-            self.busy_reads -= 1
+        if host_time.monotonic() < self.busy_until:
             raise OSError(19, "busy: address not acknowledged")
         chunk, self.reply = self.reply[:size], self.reply[size:]
         return chunk
