@@ -16,8 +16,14 @@ from fixtures_services import free_port
 
 from device_sdk.config import load_config, save_config
 from device_sdk.errors import ConfigError, ProvisioningError
+from device_sdk.keys.uri import read_secret_file
 from device_sdk.provisioning import ProvisioningRequest, provision
-from device_sdk.provisioning.state import ProvisioningState, load_state, save_state
+from device_sdk.provisioning.state import (
+    ProvisioningState,
+    load_state,
+    save_state,
+    state_path_for,
+)
 
 REMOTE_HTTP_URL = "http://verifier.example.com"
 
@@ -229,3 +235,108 @@ def test_load_state_unreadable(tmp_path: Path) -> None:
         f"state: cannot read state file {path}: Is a directory; make it readable by this "
         "user, or delete it to start provisioning over"
     )
+
+
+def bad_token_file(directory: Path, content: str, mode: int) -> Path:
+    path = directory / "enroll.token"
+    path.write_text(content)
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "expected"),
+    [
+        (
+            "token\n",
+            0o644,
+            "enrollment token file {path} has mode 0644, which gives group or others access; "
+            "run: chmod 600 {path}",
+        ),
+        ("", 0o600, "enrollment token file {path} is empty; write the enrollment token to it"),
+        (
+            " \n\n",
+            0o600,
+            "enrollment token file {path} contains only white space; write the enrollment "
+            "token to it",
+        ),
+    ],
+)
+def test_bad_token_file_creates_nothing(
+    provision_lab: ProvisionLab, content: str, mode: int, expected: str
+) -> None:
+    lab = provision_lab
+    token = lab.new_token("edge-01")
+    path = bad_token_file(lab.directory, content, mode)
+    config_path = lab.directory / "etc" / "device.toml"
+
+    line = one_error_line(lab.run(*lab.provision_args(lab.key_uri(token), config_path, path)))
+
+    assert line == "device-sdk: error: " + expected.format(path=path)
+    assert "PIN" not in line
+    assert lab.count_objects(token)["private_keys"] == 0
+    assert not config_path.parent.exists()
+    assert lab.devices() == []
+
+
+def test_missing_token_file_creates_nothing(provision_lab: ProvisionLab) -> None:
+    lab = provision_lab
+    token = lab.new_token("edge-01")
+    path = lab.directory / "absent.token"
+    config_path = lab.directory / "etc" / "device.toml"
+
+    line = one_error_line(lab.run(*lab.provision_args(lab.key_uri(token), config_path, path)))
+
+    assert line == (
+        f"device-sdk: error: enrollment token file {path} not found; write the enrollment "
+        f"token to it and run: chmod 600 {path}"
+    )
+    assert lab.count_objects(token)["private_keys"] == 0
+    assert not config_path.parent.exists()
+
+
+def test_no_token_file_fails_before_new_key(provision_lab: ProvisionLab) -> None:
+    lab = provision_lab
+    token = lab.new_token("edge-01")
+    config_path = lab.directory / "device.toml"
+    args = lab.provision_args(lab.key_uri(token), config_path, lab.directory / "unused")
+    at = args.index("--enrollment-token-file")
+    del args[at : at + 2]
+
+    line = one_error_line(lab.run(*args))
+
+    assert line.startswith(
+        "device-sdk: error: key: missing enrollment token file: pass --enrollment-token-file"
+    )
+    assert lab.count_objects(token)["private_keys"] == 0
+    assert not state_path_for(config_path).exists()
+
+
+def test_token_file_debug_log_names_token(provision_lab: ProvisionLab) -> None:
+    lab = provision_lab
+    token = lab.new_token("edge-01")
+    token_file = lab.enrollment_token_file()
+    config_path = lab.directory / "device.toml"
+
+    completed = lab.run(
+        "--debug", *lab.provision_args(lab.key_uri(token), config_path, token_file)
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert f"read the enrollment token from file {token_file}" in completed.stderr
+    assert f"read the PIN from file {token_file}" not in completed.stderr
+    assert token_file.read_text().strip() not in completed.stderr
+
+
+def test_read_secret_file_names_secret(tmp_path: Path) -> None:
+    path = bad_token_file(tmp_path, "secret-value\n", 0o640)
+
+    with pytest.raises(ConfigError) as caught:
+        read_secret_file(str(path), "enrollment token")
+
+    assert str(caught.value) == (
+        f"enrollment token file {path} has mode 0640, which gives group or others access; "
+        f"run: chmod 600 {path}"
+    )
+    path.chmod(0o600)
+    assert read_secret_file(str(path), "enrollment token") == "secret-value"

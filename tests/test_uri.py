@@ -989,6 +989,7 @@ def test_public_names() -> None:
             "parse_pin_source",
             "read_pin",
             "read_pin_source",
+            "read_secret_file",
             "resolve_module",
         ]
     )

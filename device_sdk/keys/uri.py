@@ -8,6 +8,7 @@ API for the key backends::
     uri.require_recognized_path_attributes()  # URIError if a vendor path attribute is present
     read_pin(uri) -> str | None               # pin-value, or the PIN read from pin-source
     read_pin_source("env:DEVICE_PIN") -> str  # the same for a pin-source held elsewhere
+    read_secret_file("/path", "enrollment token") -> str  # the same checks for another secret
     resolve_module(uri) -> str | None         # module-path, or module-name found on disk
     str(uri), repr(uri)                       # canonical form with pin-value=REDACTED
     uri.format_unredacted()                   # canonical form with the PIN: internal use only
@@ -78,6 +79,7 @@ __all__ = [
     "parse_pin_source",
     "read_pin",
     "read_pin_source",
+    "read_secret_file",
     "resolve_module",
 ]
 
@@ -709,50 +711,64 @@ def _read_pin_env(name: str) -> str:
     return value
 
 
-def _read_pin_file(path: str) -> str:
+def read_secret_file(path: str, label: str = "PIN") -> str:
+    """Read a secret from a file with the checks a PIN file gets, wording errors for ``label``.
+
+    The file must be a regular file owned by the current user, with no group or other access
+    (mode 0600), at most MAX_PIN_FILE_BYTES long, valid UTF-8 and not empty. One trailing newline
+    is dropped. ``label`` names the secret in errors and logs ("PIN", "enrollment token").
+    Raises ConfigError naming the file and the fix; the message never contains the secret.
+    """
+    return _read_pin_file(path, label)
+
+
+def _read_pin_file(path: str, label: str = "PIN") -> str:
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
     try:
         # O_NONBLOCK keeps a FIFO from blocking the open, and the fstat check below rejects it.
         fd = os.open(path, flags)
     except FileNotFoundError:
         raise ConfigError(
-            f"PIN file {path} not found; write the PIN to it and run: chmod 600 {path}"
+            f"{label} file {path} not found; write the {label} to it and run: chmod 600 {path}"
         ) from None
     except PermissionError:
         raise ConfigError(
-            f"PIN file {path} cannot be read by uid {os.geteuid()}: permission denied; "
+            f"{label} file {path} cannot be read by uid {os.geteuid()}: permission denied; "
             f"make the user that runs the SDK its owner and run: chmod 600 {path}"
         ) from None
     except OSError as exc:
-        raise ConfigError(f"PIN file {path} cannot be opened: {exc.strerror}") from None
+        raise ConfigError(f"{label} file {path} cannot be opened: {exc.strerror}") from None
 
     try:
-        data = _read_checked_pin_file(fd, path)
+        data = _read_checked_pin_file(fd, path, label)
     finally:
         os.close(fd)
 
-    text = _decode_pin(data, path)
-    logger.debug("read the PIN from file %s", path)
+    text = _decode_pin(data, path, label)
+    logger.debug("read the %s from file %s", label, path)
     return text
 
 
-def _read_checked_pin_file(fd: int, path: str) -> bytes:
+def _read_checked_pin_file(fd: int, path: str, label: str) -> bytes:
     # Checks run on the opened descriptor, so a file swapped after the check cannot be read.
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
-        raise ConfigError(f"PIN file {path} is not a regular file; point pin-source at a file")
+        target = "pin-source" if label == "PIN" else "it"
+        raise ConfigError(
+            f"{label} file {path} is not a regular file; point {target} at a file"
+        )
 
     mode = stat.S_IMODE(info.st_mode)
     if mode & 0o077:
         raise ConfigError(
-            f"PIN file {path} has mode {mode:04o}, which gives group or others access; "
+            f"{label} file {path} has mode {mode:04o}, which gives group or others access; "
             f"run: chmod 600 {path}"
         )
 
     euid = os.geteuid()
     if info.st_uid != euid:
         raise ConfigError(
-            f"PIN file {path} is owned by uid {info.st_uid}, not by the current user "
+            f"{label} file {path} is owned by uid {info.st_uid}, not by the current user "
             f"(uid {euid}); run: chown {_user_name(euid)} {path}"
         )
 
@@ -766,23 +782,24 @@ def _read_checked_pin_file(fd: int, path: str) -> bytes:
         size += len(chunk)
     if size > MAX_PIN_FILE_BYTES:
         raise ConfigError(
-            f"PIN file {path} is larger than {MAX_PIN_FILE_BYTES} bytes; it must hold only the PIN"
+            f"{label} file {path} is larger than {MAX_PIN_FILE_BYTES} bytes; it must hold "
+            f"only the {label}"
         )
     return b"".join(chunks)
 
 
-def _decode_pin(data: bytes, path: str) -> str:
+def _decode_pin(data: bytes, path: str, label: str) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"PIN file {path} is not valid UTF-8") from None
+        raise ConfigError(f"{label} file {path} is not valid UTF-8") from None
 
     if text.endswith("\r\n"):
         text = text[:-2]
     elif text.endswith("\n"):
         text = text[:-1]
     if not text:
-        raise ConfigError(f"PIN file {path} is empty; write the PIN to it")
+        raise ConfigError(f"{label} file {path} is empty; write the {label} to it")
     return text
 
 

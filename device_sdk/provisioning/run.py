@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from device_sdk.auth.origins import require_secure_url
 from device_sdk.config import DeviceConfig, load_config, save_config
 from device_sdk.errors import ConfigError, DeviceSDKError, KeyNotFoundError, ProvisioningError
-from device_sdk.keys.uri import read_pin_source
+from device_sdk.keys.uri import read_secret_file
 from device_sdk.provisioning import keystore
 from device_sdk.provisioning.csr import algorithm_name, build_csr
 from device_sdk.provisioning.files import write_file_atomic
@@ -161,6 +161,10 @@ class _Run:
         # The key was on the token before this config's provisioning began.
         self.key_found = False
         self.key_generated_now = False
+        # Read before any step, so a bad token file stops the run before a key is made.
+        self.enrollment_token: str | None = None
+        if request.enrollment_token_file is not None:
+            self.enrollment_token = _read_enrollment_token(request.enrollment_token_file)
 
     # --- bookkeeping --------------------------------------------------------------------------
 
@@ -203,6 +207,9 @@ class _Run:
         keystore.check_software_key_allowed(self.key_ref, self.request.allow_software_key)
 
         key = keystore.find_key(self.key_ref)
+        if key is None and self.enrollment_token is None:
+            # A new key is never enrolled yet, so it needs the token: fail before making it.
+            _read_enrollment_token(self.request.enrollment_token_file)
         if key is None:
             # Record the intent first: a key found by a later run after a crash here is ours.
             self.state.key_generated = True
@@ -276,7 +283,9 @@ class _Run:
             self._record("enroll", "done", started, "already enrolled")
             return
 
-        token = _read_enrollment_token(self.request.enrollment_token_file)
+        token = self.enrollment_token or _read_enrollment_token(
+            self.request.enrollment_token_file
+        )
         evidence = self._attest(token, verify) if self.key.backend == "tpm" else None
         enrollment = enroll(
             self.request.verifier_url,
@@ -481,13 +490,12 @@ def _read_enrollment_token(path: Path | None) -> str:
             "missing enrollment token file: pass --enrollment-token-file with a file that "
             "contains the one-time token from `device-sdk verifier enrollment-token create`"
         )
-    try:
-        token = read_pin_source(f"file:{path.absolute()}").strip()
-    except ConfigError as exc:
-        # read_pin_source checks ownership and mode 0600 but words its errors for PINs.
-        raise ConfigError(f"enrollment token file: {exc}") from None
+    token = read_secret_file(str(path.absolute()), "enrollment token").strip()
     if not token:
-        raise ConfigError(f"enrollment token file {path} is empty")
+        raise ConfigError(
+            f"enrollment token file {path.absolute()} contains only white space; write the "
+            "enrollment token to it"
+        )
     return token
 
 
