@@ -148,7 +148,7 @@ def test_cached_lookup_skips_select(pair: tuple[Verifier, Verifier]) -> None:
 
 def test_unshared_challenge_store_still_correct(tmp_path: Path, clock: ManualClock) -> None:
     # Separate connections defeat the cache, because every nonce consume is another
-    # connection's commit, but the answers must stay the same.
+    # connection's commit, but the results must stay the same.
     registry = SQLiteDeviceRegistry(tmp_path / "verifier.db")
     first = Verifier(
         verifier_config(),
