@@ -21,9 +21,10 @@ from device_sdk.errors import ConfigError, VerificationError
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8443
+DEFAULT_LIMIT_CONCURRENCY = 1000
 
 MAX_TOKEN_COUNT = 10_000
-"""Most enrollment tokens one ``enrollment-token create`` makes; each is one database insert."""
+"""Maximum number of tokens one ``enrollment-token create`` makes; each is one database insert."""
 
 # The management commands never check an assertion, so the issuer they configure is unused.
 MANAGEMENT_ISSUER = "http://127.0.0.1"
@@ -132,6 +133,17 @@ def _register_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument(
         "--challenge-lifetime", type=int, default=60, metavar="SECONDS",
         help="lifetime of challenges in seconds, at most 120 (default: 60)",
+    )
+    parser.add_argument(
+        "--forwarded-allow-ips", metavar="IPS",
+        help="comma-separated addresses of trusted reverse proxies, whose X-Forwarded-For and "
+        "X-Forwarded-Proto headers then set the client address (default: the headers are "
+        "ignored)",
+    )
+    parser.add_argument(
+        "--limit-concurrency", type=int, default=DEFAULT_LIMIT_CONCURRENCY, metavar="N",
+        help="connections and requests served at once; beyond them uvicorn responds 503 "
+        f"(default: {DEFAULT_LIMIT_CONCURRENCY})",
     )
     parser.add_argument(
         "--no-rate-limits", action="store_true",
@@ -288,6 +300,35 @@ def build_config(args: argparse.Namespace) -> Any:
 
 
 SHUTDOWN_TIMEOUT_S = 5
+KEEP_ALIVE_TIMEOUT_S = 5
+"""Seconds an idle connection is kept open after a response."""
+MAX_INCOMPLETE_EVENT_BYTES = 16 * 1024
+"""Largest request line and headers h11 buffers; a larger request gets 400."""
+
+
+def uvicorn_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the connection settings of ``uvicorn.run`` that ``serve`` options describe.
+
+    NOTE: uvicorn 0.55 has no timeout for reading request headers or a body: a client that
+    sends part of a request keeps its connection open until it closes it. Serve the verifier
+    behind a reverse proxy that times out slow clients (nginx client_header_timeout and
+    client_body_timeout, HAProxy timeout http-request), and give its address here.
+    """
+    if args.limit_concurrency < 1:
+        raise ConfigError(f"--limit-concurrency must be at least 1, got {args.limit_concurrency}")
+    # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default, so any local process could
+    # choose its audit address and rate-limit key. Only named proxies are trusted here.
+    proxies = args.forwarded_allow_ips
+    return {
+        "proxy_headers": bool(proxies),
+        "forwarded_allow_ips": proxies or None,
+        "limit_concurrency": args.limit_concurrency,
+        "timeout_keep_alive": KEEP_ALIVE_TIMEOUT_S,
+        "h11_max_incomplete_event_size": MAX_INCOMPLETE_EVENT_BYTES,
+        # Without a limit, one idle keep-alive connection (TLS included) keeps a server that
+        # got SIGTERM running for as long as the client keeps the connection open.
+        "timeout_graceful_shutdown": SHUTDOWN_TIMEOUT_S,
+    }
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -297,6 +338,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from device_sdk.verifier.core import Verifier
 
     config = build_config(args)
+    server_settings = uvicorn_settings(args)
     _check_database_dir(args.db)
     logging.getLogger("device_sdk").setLevel(args.log_level.upper())
     verifier = Verifier.open(
@@ -326,9 +368,7 @@ def run_serve(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             access_log=args.log_level == "debug",
             log_config=None,
-            # Without a limit, one idle keep-alive connection (TLS included) holds a SIGTERM'd
-            # server for as long as the client keeps it open.
-            timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
+            **server_settings,
         )
     finally:
         verifier.close()

@@ -28,6 +28,7 @@ from urllib.parse import parse_qsl
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from device_sdk.auth.encoding import loads_json_object
 from device_sdk.errors import ProtocolError, VerificationError
@@ -51,6 +52,10 @@ JSON_TYPE = "application/json"
 FORM_TYPE = "application/x-www-form-urlencoded"
 
 RABBITMQ_PERMISSIONS = frozenset({"configure", "write", "read"})
+
+
+class ClientGone(Exception):
+    """The client closed the connection before it sent the whole request body."""
 
 
 class RequestRejected(Exception):
@@ -81,11 +86,22 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
 
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestRejected(413, "request_too_large", f"body exceeds {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestRejected(413, "request_too_large", f"body exceeds {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # One line and no traceback: anyone can cause this, so it must be cheap to log.
+        logger.info(
+            "client %s disconnected after %d bytes of the body of %s %s",
+            client_address(request),
+            size,
+            request.method,
+            request.url.path,
+        )
+        raise ClientGone from None
     return b"".join(chunks)
 
 
@@ -212,6 +228,11 @@ def create_app(
         openapi_url=None,
     )
     app.state.verifier = verifier
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> Response:
+        # Nobody receives this response: uvicorn drops what is sent after a disconnect.
+        return Response(status_code=400)
 
     @app.exception_handler(RequestRejected)
     async def request_rejected(request: Request, exc: RequestRejected) -> Response:
