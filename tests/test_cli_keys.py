@@ -36,6 +36,9 @@ def test_softhsm_init_json(tmp_path, softhsm_env):
     result = json.loads(completed.stdout)
     assert result["label"] == "edge-01"
     assert result["conf"] == str(store / "softhsm2.conf")
+    assert result["softhsm2_conf"] == str(store / "softhsm2.conf")
+    assert result["export"] == f"export SOFTHSM2_CONF={store / 'softhsm2.conf'}"
+    assert result["user_pin_file"] == str(store / "edge-01.user-pin")
     assert result["uri"].startswith(f"pkcs11:token=edge-01;serial={result['serial']}?")
     for name in ("user_pin_file", "so_pin_file"):
         path = Path(result[name])
@@ -48,15 +51,43 @@ def test_softhsm_init_json(tmp_path, softhsm_env):
     assert f"Serial number:    {result['serial']}" in listing
 
 
-def test_softhsm_init_reports_missing_parent(tmp_path, softhsm_env):
-    completed = _cli("softhsm", "init", "--dir", str(tmp_path / "a" / "b"), "--label", "x",
+def test_softhsm_init_creates_missing_parents(tmp_path, softhsm_env):
+    store = tmp_path / "a" / "b"
+
+    completed = _cli("softhsm", "init", "--dir", str(store), "--label", "x", "--json",
+                     env=softhsm_env)
+
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout)
+    assert result["softhsm2_conf"] == str(store / "softhsm2.conf")
+    assert stat.S_IMODE(store.stat().st_mode) == 0o700
+    assert stat.S_IMODE(store.parent.stat().st_mode) == 0o700
+
+
+def test_softhsm_init_parent_is_file(tmp_path, softhsm_env):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory\n")
+
+    completed = _cli("softhsm", "init", "--dir", str(blocker / "store"), "--label", "x",
                      env=softhsm_env)
 
     assert completed.returncode == 1
     assert completed.stderr.strip().splitlines() == [
-        f"device-sdk: error: cannot create token store {tmp_path / 'a' / 'b'}: parent directory "
-        f"{tmp_path / 'a'} does not exist; create it with `mkdir -p {tmp_path / 'a'}`"
+        f"device-sdk: error: cannot create token store {blocker / 'store'}: {blocker} is not "
+        "a directory; choose another --dir"
     ]
+
+
+def test_softhsm_init_text_prints_export(tmp_path, softhsm_env):
+    store = tmp_path / "my store"
+
+    completed = _cli("softhsm", "init", "--dir", str(store), "--label", "edge-01",
+                     env=softhsm_env)
+
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    assert f"export SOFTHSM2_CONF='{store / 'softhsm2.conf'}'" in lines
+    assert f"user PIN file: {store / 'edge-01.user-pin'}" in lines
 
 
 def _verify(public_pem: str, signature: bytes, key: object) -> None:
@@ -181,3 +212,49 @@ def test_generate_without_mechanism_names_it(tmp_path, softhsm_env):
         "device-sdk: error: C_GetMechanismList on token 'no-eddsa': the token lacks "
         "CKM_EC_EDWARDS_KEY_PAIR_GEN (0x1055), which ed25519 needs; choose another --algorithm"
     ]
+
+
+def test_keys_generate_without_softhsm2_conf(tmp_path, softhsm_env):
+    store = tmp_path / "store"
+    init = _cli("softhsm", "init", "--dir", str(store), "--label", "edge-01", "--json",
+                env=softhsm_env)
+    assert init.returncode == 0, init.stderr
+    uri = json.loads(init.stdout)["uri"].replace("?", ";object=device?", 1)
+    env = {name: value for name, value in softhsm_env.items() if name != "SOFTHSM2_CONF"}
+
+    completed = _cli("keys", "generate", uri, "--algorithm", "ec-p256", env=env)
+
+    assert completed.returncode == 1
+    (line,) = completed.stderr.strip().splitlines()
+    assert line.startswith("device-sdk: error: ")
+    assert "no token matches" in line
+    assert "SOFTHSM2_CONF is not set, so SoftHSM read its default config " in line
+    assert "export SOFTHSM2_CONF=<store>/softhsm2.conf" in line
+    assert "`device-sdk softhsm init` printed" in line
+
+
+def test_open_key_without_softhsm2_conf(tmp_path, softhsm_env):
+    store = tmp_path / "store"
+    init = _cli("softhsm", "init", "--dir", str(store), "--label", "edge-01", "--json",
+                env=softhsm_env)
+    assert init.returncode == 0, init.stderr
+    uri = json.loads(init.stdout)["uri"].replace("?", ";object=device?", 1)
+    env = {name: value for name, value in softhsm_env.items() if name != "SOFTHSM2_CONF"}
+    script = (
+        "import sys\n"
+        "from device_sdk.errors import TokenNotPresentError\n"
+        "from device_sdk.keys import open_key\n"
+        "try:\n"
+        "    open_key(sys.argv[1])\n"
+        "except TokenNotPresentError as exc:\n"
+        "    print(exc)\n"
+    )
+
+    completed = subprocess.run(
+        [sys.executable, "-c", script, uri],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert "SOFTHSM2_CONF is not set" in completed.stdout
+    assert "export SOFTHSM2_CONF=<store>/softhsm2.conf" in completed.stdout

@@ -65,11 +65,15 @@ def test_store_config_names_token_dir(tmp_path):
     assert softhsm.check_config(store.conf_path, writable=True) == store.tokens_dir
 
 
-def test_store_parent_missing(tmp_path):
+def test_store_parent_missing_created(tmp_path):
     target = tmp_path / "absent" / "store"
 
-    with pytest.raises(SoftHSMError, match=f"parent directory {tmp_path / 'absent'} does not"):
-        softhsm.create_store(target)
+    store = softhsm.create_store(target)
+
+    assert store.directory == target
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    assert stat.S_IMODE(target.parent.stat().st_mode) == 0o700
+    assert store.tokens_dir.is_dir()
 
 
 def test_pin_files_private_and_random(softhsm_token):

@@ -427,9 +427,17 @@ def _find_token(module: LoadedModule, criteria: TokenCriteria) -> Any:
 
     if not matches:
         present = ", ".join(seen) or "none"
+        fix = "Plug the token in or correct the URI"
+        if module.is_softhsm and not module.softhsm_conf:
+            # Without the variable SoftHSM reads its system-wide config, not the user's store.
+            fix = (
+                f"SOFTHSM2_CONF is not set, so SoftHSM read its default config "
+                f"{softhsm.DEFAULT_CONF}: export SOFTHSM2_CONF=<store>/softhsm2.conf, the path "
+                "that `device-sdk softhsm init` printed, or correct the URI"
+            )
         raise TokenNotPresentError(
             f"no token matches {criteria.describe()} in module {module.path}; tokens present: "
-            f"{present}. Plug the token in or correct the URI",
+            f"{present}. {fix}",
             operation="C_GetTokenInfo",
             token=criteria.label,
         )

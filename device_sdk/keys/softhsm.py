@@ -247,20 +247,14 @@ def check_token_dir(tokens_dir: Path, *, writable: bool, conf_path: Path | None 
 def create_store(directory: Path | str) -> TokenStore:
     """Create (or reuse) a token store in ``directory``: ``softhsm2.conf`` plus ``tokens/``.
 
-    The directory is created if missing; the config file is rewritten only when absent.
+    The directory and any missing parents are created with mode 0700; the config file is
+    rewritten only when absent.
     """
     directory = Path(directory).absolute()
     if directory.exists() and not directory.is_dir():
         raise SoftHSMError(f"{directory} exists and is not a directory; choose another --dir")
     if not directory.exists():
-        parent = directory.parent
-        if not parent.is_dir():
-            raise SoftHSMError(
-                f"cannot create token store {directory}: parent directory {parent} does not "
-                f"exist; create it with `mkdir -p {parent}`"
-            )
-        check_token_dir(parent, writable=True)
-        directory.mkdir(mode=0o700)
+        _make_private_directories(directory)
     check_token_dir(directory, writable=True)
 
     tokens_dir = directory / TOKENS_DIR_NAME
@@ -280,6 +274,43 @@ def create_store(directory: Path | str) -> TokenStore:
     check_config(conf_path, writable=True)
     log.info("SoftHSM token store ready in %s", directory)
     return TokenStore(directory=directory, conf_path=conf_path, tokens_dir=tokens_dir)
+
+
+def _make_private_directories(directory: Path) -> None:
+    """Create ``directory`` and its missing parents, each with mode 0700.
+
+    ``Path.mkdir(parents=True)`` would give the parents the umask's mode, so each level is made
+    here. The nearest existing ancestor must be a directory this user can write.
+    """
+    missing = [directory]
+    existing = directory.parent
+    while not existing.exists() and existing != existing.parent:
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SoftHSMError(
+            f"cannot create token store {directory}: {existing} is not a directory; "
+            "choose another --dir"
+        )
+    check_token_dir(existing, writable=True)
+
+    for level in reversed(missing):
+        try:
+            level.mkdir(mode=0o700)
+        except FileExistsError:
+            # Another process made it between the check and here; it must still be a directory.
+            if not level.is_dir():
+                raise SoftHSMError(
+                    f"{level} exists and is not a directory; choose another --dir"
+                ) from None
+        except OSError as exc:
+            raise SoftHSMError(
+                f"cannot create token store directory {level}: {exc.strerror}; "
+                "choose another --dir"
+            ) from None
+        else:
+            # mkdir applies the umask to the mode; the store must not be readable by others.
+            level.chmod(0o700)
 
 
 def _write_secret(path: Path, value: str) -> None:
