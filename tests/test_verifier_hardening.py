@@ -366,3 +366,22 @@ def test_non_sqlite_registry_is_config_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=f"{db} is not a SQLite database"):
         SQLiteDeviceRegistry(db)
+
+
+def test_hardware_backed_recorded_as_claimed(
+    verifier: Verifier, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from device_sdk.cli.main import main as cli_main
+
+    token = verifier.create_enrollment_tokens()[0]
+    record, created = verifier.enroll(make_csr(make_key("ES256")), token, "pkcs11", True)
+    capsys.readouterr()
+
+    status = cli_main(["verifier", "devices", "list", "--db", str(tmp_path / "registry.db")])
+
+    assert created is True
+    assert record.hardware_backed is True
+    assert record.attested is False
+    assert status == 0
+    [row] = capsys.readouterr().out.splitlines()[1:]
+    assert row.split()[:5] == [record.device_id, "active", "ES256", "pkcs11", "claimed"]

@@ -462,7 +462,8 @@ def _timestamp(seconds: int | None) -> str:
 def _print_table(records: Sequence[Any]) -> None:
     print(f"{'DEVICE ID':<43}  {'STATUS':<7}  {'ALG':<5}  {'BACKEND':<8}  HARDWARE  ENROLLED")
     for record in records:
-        hardware = "yes" if record.hardware_backed else "no"
+        # hardware_backed is only what the device claimed at enrollment. Attestation proves it.
+        hardware = "attested" if record.attested else "claimed" if record.hardware_backed else "no"
         print(
             f"{record.device_id:<43}  {record.status:<7}  {record.algorithm:<5}  "
             f"{record.backend:<8}  {hardware:<8}  {_timestamp(record.enrolled_at)}"

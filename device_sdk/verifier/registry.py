@@ -30,6 +30,8 @@ class DeviceRecord:
     algorithm: str
     public_key_pem: str
     status: str
+    # backend and hardware_backed are stored as the device claimed them at enrollment, and
+    # nothing checks them. Only attested shows that a TPM holds the key.
     backend: str
     hardware_backed: bool
     enrolled_at: int
