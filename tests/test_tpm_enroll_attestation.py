@@ -82,7 +82,7 @@ def reason_of(call: Any, *args: Any, **kwargs: Any) -> str:
 
 
 def start_and_answer(verifier: Verifier, key: Any, token: str) -> dict[str, str]:
-    """Run round one against ``verifier`` and answer its challenge in the TPM."""
+    """Run round one against ``verifier``; return the TPM's response to its challenge."""
     request = tpm_attestation.attestation_request(key)
     challenge = verifier.start_attestation(token, request)
     return tpm_attestation.answer_challenge(key, challenge)
@@ -202,6 +202,34 @@ def test_start_with_spent_token_rejected(
     reason = reason_of(verifier.start_attestation, token, tpm_attestation.attestation_request(key))
 
     assert reason == "enrollment_token_used"
+
+
+def test_later_attestation_marks_record(
+    ek_ca: EndorsementCA, simulator: Swtpm, tmp_path: Path, clock: ManualClock
+) -> None:
+    roots, intermediates = ek_certificates_from_pem(ek_ca.root_path, ek_ca.issuer_path)
+    verifier = Verifier(
+        verifier_config(ek_roots=roots, ek_intermediates=intermediates),
+        registry=SQLiteDeviceRegistry(tmp_path / "registry.db"),
+        challenges=MemoryChallengeStore(clock),
+        clock=clock,
+    )
+    key = tpm.generate_key(simulator.path_uri(tmp_path / "k.pem"), "ec-p256")
+    token = verifier.create_enrollment_tokens()[0]
+    try:
+        unattested = verifier.enroll_device(tpm_csr(key), token, "tpm", True)
+        evidence = start_and_answer(verifier, key, token)
+        attested = verifier.enroll_device(tpm_csr(key), token, "tpm", True, attestation=evidence)
+        stored = verifier.get_device(key.device_id)
+    finally:
+        verifier.close()
+
+    assert unattested.record.attested is False
+    assert attested.created is False
+    assert attested.record.attested is True
+    assert stored is not None
+    assert stored.attested is True
+    assert stored.enrolled_at == unattested.record.enrolled_at
 
 
 def test_unattested_software_key_rejected(verifier: Verifier) -> None:

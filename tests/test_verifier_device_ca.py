@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ from fastapi.testclient import TestClient
 from fixtures_verifier import make_csr, make_key, verifier_config
 
 from device_sdk.auth import device_id_of
+from device_sdk.cli.main import build_parser
+from device_sdk.cli.verifier import build_config
 from device_sdk.errors import ConfigError, VerificationError
 from device_sdk.verifier import Verifier
 from device_sdk.verifier.app import create_app
@@ -185,3 +188,51 @@ def test_open_needs_both_ca_files(tmp_path: Path, ca_files: tuple[Path, Path]) -
     with pytest.raises(ConfigError, match="both its certificate and its key"):
         Verifier.open(tmp_path / "v.db", verifier_config(), device_ca_cert=ca_files[0])
 
+
+
+# `device-sdk verifier serve` options
+
+
+def serve_args(*options: str) -> argparse.Namespace:
+    return build_parser().parse_args(["verifier", "serve", "--db", "v.db", *options])
+
+
+def test_serve_options_set_attestation_and_lifetime(tmp_path: Path) -> None:
+    root_cert, _ = write_ca(tmp_path)
+
+    config = build_config(
+        serve_args("--ek-ca", str(root_cert), "--require-attestation", "--device-cert-days", "30")
+    )
+
+    assert [root.subject for root in config.ek_roots] == [
+        x509.load_pem_x509_certificate(root_cert.read_bytes()).subject
+    ]
+    assert config.ek_intermediates == ()
+    assert config.require_attestation is True
+    assert config.device_certificate_lifetime == 30 * 24 * 3600
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (("--require-attestation",), "--require-attestation needs --ek-ca"),
+        (("--device-ca-cert", "ca.pem"), "--device-ca-cert and --device-ca-key go together"),
+        (("--device-cert-days", "0"), "--device-cert-days must be at least 1, got 0"),
+    ],
+)
+def test_serve_options_rejected(options: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(serve_args(*options))
+
+
+def test_ek_ca_without_root_rejected(tmp_path: Path) -> None:
+    ca_cert, ca_key = write_ca(tmp_path)
+    leaf_dir = tmp_path / "leaf"
+    leaf_dir.mkdir()
+    leaf = DeviceCA.from_pem_files(ca_cert, ca_key).issue(
+        x509.load_pem_x509_csr(make_csr(make_key("ES256"))), "leaf", 1_800_000_000
+    )
+    (leaf_dir / "leaf.pem").write_text(leaf)
+
+    with pytest.raises(ConfigError, match="contain no self-signed root CA certificate"):
+        build_config(serve_args("--ek-ca", str(leaf_dir / "leaf.pem")))

@@ -313,7 +313,7 @@ class _Run:
         self._record("enroll", "done", started, detail)
 
     def _attest(self, token: str, verify: bool | str) -> dict[str, str] | None:
-        """Run TPM attestation's first round and answer its challenge; None if not possible.
+        """Run TPM attestation's first round and return the TPM's evidence, or None if skipped.
 
         Attestation is skipped when the TPM has no EK certificate or the verifier does not
         offer it. A verifier that requires it then rejects the enrollment.

@@ -60,7 +60,7 @@ def enroll(
 ) -> Enrollment:
     """Enroll a key with the verifier by its CSR, spending a one-time enrollment token.
 
-    ``attestation`` is the TPM's answer to :func:`start_attestation`'s challenge, if any.
+    ``attestation`` is the TPM's response to :func:`start_attestation`'s challenge, if any.
     Raises ProvisioningError when the verifier rejects the token or the CSR, or cannot be
     reached; the message never contains the token.
     """

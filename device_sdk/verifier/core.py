@@ -703,7 +703,7 @@ class Verifier:
     ) -> Enrollment:
         """Register the key of a CSR as a device, spending a one-time enrollment token.
 
-        The CSR must be signed by the key it names. ``attestation`` is the device's answer to
+        The CSR must be signed by the key it names. ``attestation`` is the device's response to
         :meth:`start_attestation`'s challenge; the record is ``attested`` when it passes. With a
         device CA, the device gets a client certificate, the same one on every enrollment of the
         key. The same key presenting its spent token again gets its record back, ``created``

@@ -3,7 +3,7 @@
 A broker that trusts this CA (Mosquitto's ``cafile`` with ``require_certificate true`` and
 ``use_identity_as_username true``) takes the certificate's CN, the device id, as the MQTT
 username. The certificate names only what the verifier checked: the key, its device id and the
-device URN. Any other subject or extension the CSR asks for is ignored.
+device URN. Any other subject or extension in the CSR is ignored.
 """
 
 from __future__ import annotations
