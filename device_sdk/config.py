@@ -14,6 +14,10 @@ A flat TOML table written by provisioning and read by every client::
     certificate_path = "/etc/device-sdk/device.pem"
     software_key_allowed = false
 
+An optional ``softhsm2_conf`` path is written for SoftHSM keys only. SoftHSM finds its token
+store through the ``SOFTHSM2_CONF`` environment variable, and :func:`export_softhsm2_conf` sets
+it from the file when the environment does not.
+
 The file contains no secret: a ``key_uri`` with a ``pin-value`` is rejected, and the PIN comes from
 ``pin_source`` (see :func:`device_sdk.keys.uri.read_pin_source`). :func:`save_config` still writes
 the file with mode 0600, because the file names the key and PIN file that the device uses.
@@ -39,7 +43,7 @@ import tomli_w
 from device_sdk.errors import ConfigError, URIError
 from device_sdk.keys.uri import Pkcs11URI, parse_key_uri, parse_pin_source
 
-__all__ = ["ALGORITHMS", "DeviceConfig", "load_config", "save_config"]
+__all__ = ["ALGORITHMS", "DeviceConfig", "export_softhsm2_conf", "load_config", "save_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ class DeviceConfig:
 
     ``pin_source`` is None for keys that need no PIN (a TPM key without an auth value).
     ``software_key_allowed`` records that provisioning was allowed to use a software key.
+    ``softhsm2_conf`` is the SoftHSM config file of the token store that holds a SoftHSM key.
     """
 
     device_id: str
@@ -71,12 +76,19 @@ class DeviceConfig:
     ca_bundle: Path | None = None
     certificate_path: Path | None = None
     software_key_allowed: bool = False
+    softhsm2_conf: Path | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
         self._check_device_id()
         self._check_key_uri()
         self._check_urls()
+        if self.softhsm2_conf is not None and not self.softhsm2_conf.is_absolute():
+            raise ConfigError(
+                f"softhsm2_conf {str(self.softhsm2_conf)!r} is a relative path; give the "
+                "absolute path of the SoftHSM config file, such as "
+                "/etc/device-sdk/softhsm/softhsm2.conf"
+            )
 
         if not self.backend:
             raise ConfigError("backend is empty: name the key backend, such as 'pkcs11'")
@@ -173,9 +185,17 @@ _FIELD_TYPES: Final[dict[str, type]] = {
     "ca_bundle": Path,
     "certificate_path": Path,
     "software_key_allowed": bool,
+    "softhsm2_conf": Path,
 }
 _OPTIONAL_FIELDS: Final = frozenset(
-    {"pin_source", "broker_url", "ca_bundle", "certificate_path", "software_key_allowed"}
+    {
+        "pin_source",
+        "broker_url",
+        "ca_bundle",
+        "certificate_path",
+        "software_key_allowed",
+        "softhsm2_conf",
+    }
 )
 _REQUIRED_FIELDS: Final = tuple(name for name in _FIELD_TYPES if name not in _OPTIONAL_FIELDS)
 _TYPE_NAMES: Final[dict[type, str]] = {
@@ -202,6 +222,19 @@ def _check_url(field: str, url: str, schemes: tuple[str, ...]) -> None:
             f"invalid {field} {url!r}: give a {' or '.join(schemes)} URL with a host, "
             f"such as {schemes[-1]}://server.example.com"
         )
+
+
+def export_softhsm2_conf(config: DeviceConfig) -> bool:
+    """Set ``SOFTHSM2_CONF`` from ``config.softhsm2_conf`` unless the environment sets it.
+
+    Call it before the first SoftHSM key is opened, because SoftHSM reads the variable only when
+    the module is initialised. Returns True when the variable was set here.
+    """
+    if config.softhsm2_conf is None or os.environ.get("SOFTHSM2_CONF"):
+        return False
+    os.environ["SOFTHSM2_CONF"] = str(config.softhsm2_conf)
+    logger.info("set SOFTHSM2_CONF=%s from the device config", config.softhsm2_conf)
+    return True
 
 
 def load_config(path: str | os.PathLike[str]) -> DeviceConfig:

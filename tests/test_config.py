@@ -420,6 +420,7 @@ def test_public_names() -> None:
     assert sorted(config_module.__all__) == [
         "ALGORITHMS",
         "DeviceConfig",
+        "export_softhsm2_conf",
         "load_config",
         "save_config",
     ]

@@ -346,11 +346,12 @@ class Demo:
         return config_path
 
     def _log_in(self, config_path: Path) -> None:
-        from device_sdk.config import load_config
+        from device_sdk.config import export_softhsm2_conf, load_config
         from device_sdk.keys import open_key
 
         report = self.report
         config = load_config(config_path)
+        export_softhsm2_conf(config)
         key = open_key(config.key_uri)
         report.device_id = key.device_id
         report.backend = key.backend

@@ -70,9 +70,10 @@ class Agent:
     def __init__(self, config_path: str | None, key_uri: str | None, timeout: float) -> None:
         self.config: Any = None
         if config_path is not None:
-            from device_sdk.config import load_config
+            from device_sdk.config import export_softhsm2_conf, load_config
 
             self.config = load_config(config_path)
+            export_softhsm2_conf(self.config)
             key_uri = self.config.key_uri
         assert key_uri is not None
         self.key_uri = key_uri

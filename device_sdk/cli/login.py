@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from device_sdk.auth.origins import require_secure_url
-from device_sdk.config import DeviceConfig, load_config
+from device_sdk.config import DeviceConfig, export_softhsm2_conf, load_config
 from device_sdk.errors import ConfigError, DeviceSDKError, TransportError
 
 
@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    export_softhsm2_conf(config)
     require_secure_url(config.verifier_url, f"verifier_url in {args.config}", "the access token")
     do_http = args.http or not args.mqtt
     do_mqtt = args.mqtt or (not args.http and config.broker_url is not None)

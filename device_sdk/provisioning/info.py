@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 from cryptography import x509
 
-from device_sdk.config import DeviceConfig, load_config
+from device_sdk.config import DeviceConfig, export_softhsm2_conf, load_config
 from device_sdk.errors import DeviceSDKError
 from device_sdk.provisioning.verifier_client import HEALTH_PATH
 
@@ -149,6 +149,8 @@ def device_info(config_path: Path) -> DeviceInfo:
     certificate are reported in ``problems`` instead.
     """
     config = load_config(config_path)
+    # The certificate may be on a SoftHSM token, found only through SOFTHSM2_CONF.
+    export_softhsm2_conf(config)
     certificate = read_certificate(config)
     verifier = check_verifier(config)
     broker = check_broker(config)

@@ -385,9 +385,18 @@ class _Run:
             ca_bundle=self.request.ca_bundle.absolute() if self.request.ca_bundle else None,
             certificate_path=certificate_path,
             software_key_allowed=self.request.allow_software_key,
+            softhsm2_conf=self._softhsm2_conf(),
         )
         save_config(config, self.config_path)
         self._record("config", "done", started, str(self.config_path))
+
+    def _softhsm2_conf(self) -> Path | None:
+        """Return the config file of a SoftHSM key's token store; None for other backends."""
+        assert self.key is not None
+        conf = os.environ.get("SOFTHSM2_CONF")
+        if self.key.backend != "softhsm" or not conf:
+            return None
+        return Path(conf).absolute()
 
     def _config_is_current(self) -> bool:
         try:
@@ -399,6 +408,7 @@ class _Run:
             config.device_id == self.state.device_id
             and config.verifier_url == self.request.verifier_url
             and config.broker_url == self.request.broker_url
+            and config.softhsm2_conf == self._softhsm2_conf()
         )
 
     def step_login(self) -> None:

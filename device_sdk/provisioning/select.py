@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_sdk.config import load_config
+from device_sdk.config import export_softhsm2_conf, load_config
 from device_sdk.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,10 @@ def _from_config(config_path: Path) -> KeyChoice | None:
     if not config_path.exists():
         return None
     config = load_config(config_path)
-    return KeyChoice(config.key_uri, f"the existing config {config_path}", {})
+    environment = {}
+    if export_softhsm2_conf(config):
+        environment["SOFTHSM2_CONF"] = str(config.softhsm2_conf)
+    return KeyChoice(config.key_uri, f"the existing config {config_path}", environment)
 
 
 def _from_tpm() -> KeyChoice | None:
