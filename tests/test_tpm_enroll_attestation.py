@@ -132,6 +132,27 @@ def test_forged_certify_info_rejected(
     assert verifier.get_device(key.device_id) is None
 
 
+def test_interleaved_attestations_both_pass(
+    verifier: Verifier, simulator: Swtpm, tmp_path: Path, clock: ManualClock
+) -> None:
+    first_key = tpm.generate_key(simulator.path_uri(tmp_path / "a.pem"), "ec-p256")
+    second_key = tpm.generate_key(simulator.path_uri(tmp_path / "b.pem"), "ec-p256")
+    first_token, second_token = verifier.create_enrollment_tokens(2)
+    first_evidence = start_and_answer(verifier, first_key, first_token)
+    clock.advance(5)
+    second_evidence = start_and_answer(verifier, second_key, second_token)
+
+    first = verifier.enroll_device(
+        tpm_csr(first_key), first_token, "tpm", True, attestation=first_evidence
+    )
+    second = verifier.enroll_device(
+        tpm_csr(second_key), second_token, "tpm", True, attestation=second_evidence
+    )
+
+    assert first.record.attested is True
+    assert second.record.attested is True
+
+
 def test_evidence_used_once(verifier: Verifier, simulator: Swtpm, tmp_path: Path) -> None:
     key = tpm.generate_key(simulator.path_uri(tmp_path / "k.pem"), "ec-p256")
     token = verifier.create_enrollment_tokens()[0]

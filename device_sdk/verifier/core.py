@@ -675,7 +675,7 @@ class Verifier:
             now = self.now()
             self.registry.check_enrollment_token(token_hash, device_id, now)
             expires_at = now + self.config.challenge_lifetime
-            self.registry.put_pending_attestation(token_hash, state, expires_at)
+            self.registry.put_pending_attestation(token_hash, state, expires_at, now)
         except VerificationError as exc:
             log_decision(
                 "attestation_challenge",

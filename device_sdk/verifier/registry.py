@@ -91,8 +91,13 @@ class DeviceRegistry(Protocol):
     def store_device_certificate(self, device_id: str, certificate_pem: str, now: int) -> str:
         """Store a device's certificate unless it has one already; return the stored one."""
 
-    def put_pending_attestation(self, token_hash: str, data: str, expires_at: int) -> None:
-        """Store the attestation state of an enrollment token, replacing an earlier one."""
+    def put_pending_attestation(
+        self, token_hash: str, data: str, expires_at: int, now: int
+    ) -> None:
+        """Store the attestation state of an enrollment token, replacing an earlier one.
+
+        Also deletes every state that expired before ``now``.
+        """
 
     def take_pending_attestation(self, token_hash: str) -> tuple[str, int] | None:
         """Delete and return an enrollment token's attestation state and its expiry, or None."""
@@ -372,9 +377,11 @@ class SQLiteDeviceRegistry:
             raise RuntimeError(f"the certificate of {device_id} was not stored")
         return stored
 
-    def put_pending_attestation(self, token_hash: str, data: str, expires_at: int) -> None:
+    def put_pending_attestation(
+        self, token_hash: str, data: str, expires_at: int, now: int
+    ) -> None:
         connection = self._connections.get()
-        connection.execute("DELETE FROM pending_attestations WHERE expires_at < ?", (expires_at,))
+        connection.execute("DELETE FROM pending_attestations WHERE expires_at < ?", (now,))
         connection.execute(
             "INSERT OR REPLACE INTO pending_attestations (token_hash, data, expires_at) "
             "VALUES (?, ?, ?)",
