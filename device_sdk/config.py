@@ -62,7 +62,7 @@ class DeviceConfig:
 
     ``pin_source`` is None for keys that need no PIN (a TPM key without an auth value).
     ``software_key_allowed`` records that provisioning was allowed to use a software key.
-    ``softhsm2_conf`` is the SoftHSM config file of the token store that holds a SoftHSM key.
+    ``softhsm2_conf`` is the SoftHSM config file of the token store that contains a SoftHSM key.
     """
 
     device_id: str

@@ -8,6 +8,7 @@ database that the test process also opens to enroll devices (SQLite serialises t
 - ``rabbit_stack`` (module): RabbitMQ whose MQTT logins go to a plain-HTTP verifier
 - ``amqtt_stack``: an HTTPS verifier and an embedded amqtt broker over TLS on the same database
 - :class:`InterceptingProxy`: a TLS-terminating proxy with a certificate of its own
+- :func:`create_header_echo_app`: an ASGI app that returns the Authorization header it got
 """
 
 from __future__ import annotations

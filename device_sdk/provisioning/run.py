@@ -516,8 +516,8 @@ def provision(
 
     ``on_step`` is called after each step, for progress output. Raises ProvisioningError with
     ``step`` set for a step failure (the backend's error is its ``__cause__``), LockHeldError
-    when another run holds the token or config, and ConfigError for invalid input, such as a
-    verifier URL on plain http to a host other than loopback.
+    when another run holds the token or config, and ConfigError for invalid input. A verifier
+    URL on plain http to a host other than loopback is invalid input.
     """
     # The enrollment token is a one-time secret: check before any key is made or file written.
     require_secure_url(request.verifier_url, "verifier URL", "the enrollment token")
