@@ -130,9 +130,9 @@ def read_only_directory(directory: Path) -> Iterator[None]:
     chattr = shutil.which("chattr")
     if chattr is None:
         pytest.skip("chattr not found; install it with: sudo apt-get install -y e2fsprogs")
-    made = subprocess.run([chattr, "+i", str(directory)], capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot make {directory} immutable as root: {made.stderr.strip()}")
+    chattr_run = subprocess.run([chattr, "+i", str(directory)], capture_output=True, text=True)
+    if chattr_run.returncode != 0:
+        pytest.skip(f"cannot make {directory} immutable as root: {chattr_run.stderr.strip()}")
     try:
         yield
     finally:
