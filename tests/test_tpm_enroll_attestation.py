@@ -118,8 +118,8 @@ def test_forged_certify_info_rejected(
     key = tpm.generate_key(simulator.path_uri(tmp_path / "k.pem"), "ec-p256")
     token = verifier.create_enrollment_tokens()[0]
     evidence = start_and_answer(verifier, key, token)
-    # TPMS_ATTEST starts with the magic; a structure made outside the TPM cannot carry the AK's
-    # signature, so any change to it breaks the signature.
+    # Only the TPM can sign with the AK, so a TPMS_ATTEST changed outside it (here the last byte
+    # of the certified key's qualified name) no longer matches the signature.
     certify_info = bytearray(b64url_decode(evidence["certify_info"]))
     certify_info[-1] ^= 0x01
     forged = {**evidence, "certify_info": b64url_encode(bytes(certify_info))}
