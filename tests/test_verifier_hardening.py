@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from fixtures_verifier import (
     HTTP_CB,
     ISSUER,
+    PLAIN_BROKER,
     TOKEN_URL,
     Device,
     ManualClock,
@@ -52,7 +53,7 @@ def audit_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def forged_assertion(device_id: str, challenge: Challenge) -> str:
-    """Return an HTTP login assertion that names ``device_id`` but is signed by a fresh key."""
+    """Return an assertion naming ``device_id`` in kid but signed by a fresh key (HTTP claims)."""
     now = int(time.time())
     header = {"alg": "ES256", "typ": "device-assertion+jwt", "kid": device_id}
     claims = {
@@ -385,3 +386,50 @@ def test_hardware_backed_recorded_as_claimed(
     assert status == 0
     [row] = capsys.readouterr().out.splitlines()[1:]
     assert row.split()[:5] == [record.device_id, "active", "ES256", "pkcs11", "claimed"]
+
+
+def mqtt_challenge(verifier: Verifier, device: Device) -> Challenge:
+    return Challenge.from_json(verifier.issue_challenge(device.device_id, PLAIN_BROKER))
+
+
+def test_broker_address_never_limited(limited_verifier: Verifier) -> None:
+    device = enroll(limited_verifier)
+    forged = forged_assertion(device.device_id, mqtt_challenge(limited_verifier, device))
+    form = {"username": device.device_id, "password": forged}
+    with TestClient(create_app(limited_verifier), client=ATTACKER) as broker:
+        # The RabbitMQ login check comes from the broker's address for every device.
+        answers = {broker.post("/v1/broker/auth/rabbitmq/user", data=form).text for _ in range(40)}
+        genuine = build_assertion(
+            device.key, mqtt_challenge(limited_verifier, device), channel_binding=None
+        )
+        login = broker.post(
+            "/v1/broker/auth/rabbitmq/user",
+            data={"username": device.device_id, "password": genuine},
+        )
+
+    assert answers == {"deny"}
+    assert login.text == "allow"
+
+
+def test_emqx_peerhost_limited(limited_verifier: Verifier) -> None:
+    device = enroll(limited_verifier)
+    forged = forged_assertion(device.device_id, mqtt_challenge(limited_verifier, device))
+    body = {"username": device.device_id, "password": forged, "peerhost": ATTACKER[0]}
+    with TestClient(create_app(limited_verifier), client=DEVICE_ADDRESS) as broker:
+        for _ in range(30):
+            broker.post("/v1/broker/auth/emqx", json=body)
+        genuine = build_assertion(
+            device.key, mqtt_challenge(limited_verifier, device), channel_binding=None
+        )
+        from_attacker = broker.post(
+            "/v1/broker/auth/emqx", json={**body, "password": genuine}
+        )
+        from_device = broker.post(
+            "/v1/broker/auth/emqx",
+            json={**body, "password": genuine, "peerhost": DEVICE_ADDRESS[0]},
+        )
+
+    # The attacker's address is over its failure budget, so even a genuine password is denied
+    # from there, and not spent: the same password still logs in from the device's address.
+    assert from_attacker.json() == {"result": "deny"}
+    assert from_device.json() == {"result": "allow", "is_superuser": False}
