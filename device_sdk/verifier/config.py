@@ -111,6 +111,8 @@ class VerifierConfig:
     # Failed logins whose signature verified (replays, expired, wrong audience ...) count
     # against the device. Every other failure counts against the client address only, because
     # anyone can name a device in kid.
+    # NOTE: a replay counts against the device too, so someone who captured a used assertion
+    # (from a broker log or a proxy) can still spend this budget without the device key.
     failure_limit_per_device: RateLimit | None = RateLimit(capacity=10, per_second=1 / 30)
     failure_limit_per_address: RateLimit | None = RateLimit(capacity=30, per_second=1.0)
     nonceless_audiences: frozenset[str] = frozenset()
