@@ -470,7 +470,23 @@ def test_emqx_form_body(client: TestClient, verifier: Verifier, device: Device) 
     assert response.json() == {"result": "allow", "is_superuser": False}
 
 
-def test_emqx_deny_logs_peer_address(
+def test_emqx_deny_logs_trusted_peer_address(
+    verifier: Verifier, device: Device, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = {"username": device.device_id, "password": "x.y.z", "peerhost": "192.0.2.7"}
+    # Starlette's TestClient connects from the host name "testclient".
+    app = create_app(verifier, trusted_broker_addresses=["testclient"])
+
+    with TestClient(app) as broker, caplog.at_level(logging.INFO, logger=AUDIT_LOGGER):
+        response = broker.post("/v1/broker/auth/emqx", json=body)
+
+    assert response.json() == {"result": "deny"}
+    [line] = audit_lines(caplog)
+    assert "client=192.0.2.7" in line
+    assert "reason=malformed" in line
+
+
+def test_emqx_untrusted_peerhost_not_logged_as_client(
     client: TestClient, device: Device, caplog: pytest.LogCaptureFixture
 ) -> None:
     body = {"username": device.device_id, "password": "x.y.z", "peerhost": "192.0.2.7"}
@@ -480,7 +496,7 @@ def test_emqx_deny_logs_peer_address(
 
     assert response.json() == {"result": "deny"}
     [line] = audit_lines(caplog)
-    assert "client=192.0.2.7" in line
+    assert "client=testclient" in line
     assert "reason=malformed" in line
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import socket
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -11,6 +13,7 @@ from fixtures_services import TestPKI
 
 from device_sdk.auth import tls_server_end_point
 from device_sdk.cli.main import build_parser
+from device_sdk.cli.main import main as cli_main
 from device_sdk.cli.verifier import build_config
 from device_sdk.errors import ConfigError
 
@@ -85,3 +88,24 @@ def test_invalid_serve_options(options: list[str], message: str) -> None:
         build_config(serve_args(*options))
 
     assert message in str(raised.value)
+
+
+def test_serve_port_in_use_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+
+        status = cli_main(
+            ["verifier", "serve", "--db", str(tmp_path / "v.db"), "--port", str(port)]
+        )
+
+    error = capsys.readouterr().err
+    assert status == 1
+    assert error == (
+        f"device-sdk: error: cannot listen on 127.0.0.1:{port}: Address already in use; "
+        "pick another --port or stop the process that uses it\n"
+    )
+    assert list(tmp_path.iterdir()) == []

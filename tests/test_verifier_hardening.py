@@ -40,6 +40,7 @@ from device_sdk.verifier.registry import SQLiteDeviceRegistry
 AUDIT_LOGGER = "device_sdk.verifier.audit"
 ATTACKER = ("203.0.113.66", 40000)
 DEVICE_ADDRESS = ("198.51.100.7", 40001)
+BROKER = ("192.0.2.10", 40002)
 
 
 def reason_of(call: object, *args: object, **kwargs: object) -> str:
@@ -415,7 +416,8 @@ def test_emqx_peerhost_limited(limited_verifier: Verifier) -> None:
     device = enroll(limited_verifier)
     forged = forged_assertion(device.device_id, mqtt_challenge(limited_verifier, device))
     body = {"username": device.device_id, "password": forged, "peerhost": ATTACKER[0]}
-    with TestClient(create_app(limited_verifier), client=DEVICE_ADDRESS) as broker:
+    app = create_app(limited_verifier, trusted_broker_addresses=[BROKER[0]])
+    with TestClient(app, client=BROKER) as broker:
         for _ in range(30):
             broker.post("/v1/broker/auth/emqx", json=body)
         genuine = build_assertion(
@@ -433,3 +435,25 @@ def test_emqx_peerhost_limited(limited_verifier: Verifier) -> None:
     # from there, and not spent: the same password still logs in from the device's address.
     assert from_attacker.json() == {"result": "deny"}
     assert from_device.json() == {"result": "allow", "is_superuser": False}
+
+
+def test_emqx_peerhost_ignored_from_untrusted(limited_verifier: Verifier) -> None:
+    device = enroll(limited_verifier)
+    forged = forged_assertion(device.device_id, mqtt_challenge(limited_verifier, device))
+    # The caller claims the device's own address as peerhost, to use up its failure budget.
+    body = {"username": device.device_id, "password": forged, "peerhost": DEVICE_ADDRESS[0]}
+    app = create_app(limited_verifier, trusted_broker_addresses=[BROKER[0]])
+    with TestClient(app, client=ATTACKER) as attacker:
+        answers = {attacker.post("/v1/broker/auth/emqx", json=body).json()["result"]
+                   for _ in range(40)}
+    with TestClient(app, client=BROKER) as broker:
+        genuine = build_assertion(
+            device.key, mqtt_challenge(limited_verifier, device), channel_binding=None
+        )
+        login = broker.post(
+            "/v1/broker/auth/emqx",
+            json={**body, "password": genuine, "peerhost": DEVICE_ADDRESS[0]},
+        )
+
+    assert answers == {"deny"}
+    assert login.json() == {"result": "allow", "is_superuser": False}

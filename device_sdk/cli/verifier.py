@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -139,6 +140,11 @@ def _register_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser
         help="comma-separated addresses of trusted reverse proxies, whose X-Forwarded-For and "
         "X-Forwarded-Proto headers then set the client address (default: the headers are "
         "ignored)",
+    )
+    parser.add_argument(
+        "--broker-webhook-ips", metavar="IPS", default="",
+        help="comma-separated addresses of brokers whose EMQX-style 'peerhost' field is trusted "
+        "for the per-address failure limit (default: none, so 'peerhost' is ignored)",
     )
     parser.add_argument(
         "--limit-concurrency", type=int, default=DEFAULT_LIMIT_CONCURRENCY, metavar="N",
@@ -340,6 +346,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = build_config(args)
     server_settings = uvicorn_settings(args)
     _check_database_dir(args.db)
+    _check_port_free(args.host, args.port)
     logging.getLogger("device_sdk").setLevel(args.log_level.upper())
     verifier = Verifier.open(
         args.db,
@@ -349,7 +356,10 @@ def run_serve(args: argparse.Namespace) -> int:
         device_ca_cert=args.device_ca_cert,
         device_ca_key=args.device_ca_key,
     )
-    app = create_app(verifier)
+    webhook_brokers = [
+        address.strip() for address in args.broker_webhook_ips.split(",") if address.strip()
+    ]
+    app = create_app(verifier, trusted_broker_addresses=webhook_brokers)
     brokers = ", ".join(config.broker_audiences) or "none"
     print(
         f"device-sdk verifier: serving {_listen_url(args)} (issuer {config.issuer}, brokers "
@@ -379,6 +389,20 @@ def _attestation_mode(config: Any) -> str:
     if config.require_attestation:
         return "required"
     return "offered" if config.ek_roots else "off"
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Raise ConfigError when ``host:port`` cannot be bound, before anything is created."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port or stop "
+                "the process that uses it"
+            ) from exc
 
 
 def _check_database_dir(db: str) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -215,11 +215,14 @@ def create_app(
     *,
     rabbitmq_vhost: str = "/",
     rabbitmq_exchange: str = "amq.topic",
+    trusted_broker_addresses: Collection[str] = (),
 ) -> FastAPI:
     """Build the ASGI app for ``verifier``.
 
     ``rabbitmq_vhost`` is the only virtual host devices may use, and ``rabbitmq_exchange`` the
     exchange the RabbitMQ MQTT plugin publishes to (``mqtt.exchange``, ``amq.topic`` by default).
+    ``trusted_broker_addresses`` are the socket addresses of brokers whose EMQX-style
+    ``peerhost`` field is believed for the per-address failure limit.
     """
     app = FastAPI(
         title="device-sdk verifier",
@@ -363,7 +366,9 @@ def create_app(
         log_decision("access_token_use", "accept", device_id=claims["sub"], client_address=address)
         return JSONResponse({"device_id": claims["sub"], "expires_at": claims["exp"]})
 
-    register_broker_webhooks(app, verifier, call, rabbitmq_vhost, rabbitmq_exchange)
+    register_broker_webhooks(
+        app, verifier, call, rabbitmq_vhost, rabbitmq_exchange, frozenset(trusted_broker_addresses)
+    )
     return app
 
 
@@ -373,6 +378,7 @@ def register_broker_webhooks(
     call: Callable[..., Any],
     rabbitmq_vhost: str,
     rabbitmq_exchange: str,
+    trusted_brokers: frozenset[str] = frozenset(),
 ) -> None:
     """Add the RabbitMQ and EMQX HTTP auth endpoints, which check broker logins with ``verifier``.
 
@@ -505,9 +511,16 @@ def register_broker_webhooks(
             body = await read_json_object(request)
         username = require_string(body, "username")
         password = require_string(body, "password")
+        # Anyone who reaches this endpoint can write any peerhost. Charging failures to it
+        # unchecked would let a caller lock out the address of a real device, so the field
+        # counts only when the request comes from a trusted broker.
+        caller = client_address(request)
         peer = body.get("peerhost")
-        address = peer if isinstance(peer, str) and peer else client_address(request)
-        allowed = await check_login(username, password, address, limit_address=address == peer)
+        from_trusted_broker = caller in trusted_brokers
+        if isinstance(peer, str) and peer and from_trusted_broker:
+            allowed = await check_login(username, password, peer, limit_address=True)
+        else:
+            allowed = await check_login(username, password, caller, limit_address=False)
         answer: dict[str, Any] = {"result": "allow" if allowed else "deny"}
         if allowed:
             answer["is_superuser"] = False
