@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from fixtures_verifier import (
     HTTP_CB,
     ISSUER,
+    NONCELESS_BROKER,
     PLAIN_BROKER,
     TOKEN_URL,
     Device,
@@ -25,10 +26,11 @@ from fixtures_verifier import (
     make_csr,
     make_key,
     make_verifier,
+    verifier_config,
 )
 
 from device_sdk.auth import Challenge, b64url_encode, build_assertion
-from device_sdk.auth.assertion import new_jti
+from device_sdk.auth.assertion import new_jti, sign_assertion
 from device_sdk.cli.main import build_parser
 from device_sdk.cli.verifier import MAX_TOKEN_COUNT, run_create_tokens
 from device_sdk.errors import ConfigError, VerificationError
@@ -36,6 +38,7 @@ from device_sdk.verifier import RateLimit, Verifier
 from device_sdk.verifier.app import create_app
 from device_sdk.verifier.audit import MAX_VALUE_LENGTH, log_decision
 from device_sdk.verifier.registry import SQLiteDeviceRegistry
+from device_sdk.verifier.stores import SQLiteChallengeStore
 
 AUDIT_LOGGER = "device_sdk.verifier.audit"
 ATTACKER = ("203.0.113.66", 40000)
@@ -457,3 +460,32 @@ def test_emqx_peerhost_ignored_from_untrusted(limited_verifier: Verifier) -> Non
 
     assert answers == {"deny"}
     assert login.json() == {"result": "allow", "is_superuser": False}
+
+
+@pytest.mark.parametrize("claim", ["nonce", "jti"])
+def test_lone_surrogate_claim_is_malformed(tmp_path: Path, clock: ManualClock, claim: str) -> None:
+    # A device-signed nonce or jti with a lone surrogate cannot be stored in SQLite (or Redis):
+    # it must be a rejection, not an UnicodeEncodeError that the app turns into a 500.
+    registry = SQLiteDeviceRegistry(tmp_path / "verifier.db")
+    verifier = Verifier(
+        verifier_config(),
+        registry=registry,
+        challenges=SQLiteChallengeStore(registry.connections),
+        clock=clock,
+    )
+    device = enroll(verifier)
+    now = verifier.now()
+    claims = {
+        "iss": device.device_id,
+        "sub": device.device_id,
+        "aud": NONCELESS_BROKER,
+        "iat": now,
+        "exp": now + 20,
+        "jti": new_jti(),
+        claim: "\ud800",
+    }
+    token = sign_assertion(device.key, claims, device_id=device.device_id)
+    with pytest.raises(VerificationError) as caught:
+        verifier.verify_assertion(token, audience_kind="mqtt")
+    assert caught.value.reason == "malformed"
+    verifier.close()

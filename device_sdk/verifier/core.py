@@ -97,6 +97,12 @@ def _check_claim_types(payload: dict[str, Any]) -> None:
         value = payload.get(name)
         if value is not None and (type(value) is not str or not value):
             raise VerificationError("malformed", f"claim {name!r} must be a non-empty string")
+    # Both are base64url. The stores key on them, and cannot encode a lone surrogate ("\ud800"
+    # is valid JSON), so a value that is not ASCII is malformed.
+    for name in ("nonce", "jti"):
+        value = payload.get(name)
+        if value is not None and not value.isascii():
+            raise VerificationError("malformed", f"claim {name!r} must be ASCII")
     for name in _INTEGER_CLAIMS:
         # type() and not isinstance(): JSON true is a Python int, but it is not a time.
         if type(payload.get(name)) is not int:
