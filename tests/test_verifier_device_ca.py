@@ -236,3 +236,28 @@ def test_ek_ca_without_root_rejected(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="contain no self-signed root CA certificate"):
         build_config(serve_args("--ek-ca", str(leaf_dir / "leaf.pem")))
+
+
+def test_revoked_device_gets_no_certificate_with_its_spent_token(
+    tmp_path: Path, ca_files: tuple[Path, Path]
+) -> None:
+    # Enrolled before the verifier became a device CA, then revoked: re-running provisioning
+    # with the spent token must not hand the revoked key a client certificate for the broker.
+    db = tmp_path / "verifier.db"
+    key = make_key("ES256")
+    plain = Verifier.open(db, verifier_config())
+    token = plain.create_enrollment_tokens()[0]
+    plain.enroll_device(make_csr(key), token, "pkcs11", True)
+    plain.revoke(device_id_of(key))
+    plain.close()
+    with_ca = Verifier.open(db, verifier_config(), device_ca_cert=ca_files[0],
+                            device_ca_key=ca_files[1])
+    try:
+        with pytest.raises(VerificationError) as caught:
+            with_ca.enroll_device(make_csr(key), token, "pkcs11", True)
+        issued = with_ca.registry.device_certificate(device_id_of(key))
+    finally:
+        with_ca.close()
+
+    assert caught.value.reason == "revoked_device"
+    assert issued is None

@@ -286,6 +286,12 @@ class SQLiteDeviceRegistry:
         ).fetchone()
         existing = None if existing_row is None else _record_from_row(existing_row)
 
+        # Checked before the re-run case below: a revoked key sending its own spent token again
+        # would otherwise get its record back, and from a device CA a new client certificate.
+        if existing is not None and not existing.active:
+            raise VerificationError(
+                "revoked_device", "a revoked device cannot enroll again", device_id=record.device_id
+            )
         if used_by is not None:
             if used_by == record.device_id and existing is not None:
                 return self._mark_attested(connection, existing, record), False
@@ -296,10 +302,6 @@ class SQLiteDeviceRegistry:
             )
         if expires_at is not None and now >= expires_at:
             raise VerificationError("enrollment_token_invalid", "enrollment token expired")
-        if existing is not None and not existing.active:
-            raise VerificationError(
-                "revoked_device", "a revoked device cannot enroll again", device_id=record.device_id
-            )
 
         if existing is not None:
             # The key is enrolled already, so this token is not needed: it stays unspent for
