@@ -471,3 +471,16 @@ def test_enrollment_audit_omits_token(verifier: Verifier, caplog: pytest.LogCapt
     assert "reason=enrollment_token_used" in lines[1]
     assert "client=192.0.2.6" in lines[1]
     assert token not in caplog.text
+
+
+def test_csr_with_unknown_key_type_rejected(verifier: Verifier) -> None:
+    # cryptography raises UnsupportedAlgorithm, not ValueError, for a key type it does not
+    # know; before any token check, so anyone could turn it into a 500 from /v1/enroll.
+    csr = x509.load_pem_x509_csr(make_csr(make_key("ES256")))
+    der = csr.public_bytes(serialization.Encoding.DER)
+    ec_public_key = bytes.fromhex("06072a8648ce3d0201")  # OID 1.2.840.10045.2.1
+    unknown = der.replace(ec_public_key, bytes.fromhex("06072a8648ce3d0209"))
+    pem = x509.load_der_x509_csr(unknown).public_bytes(serialization.Encoding.PEM)
+    token = verifier.create_enrollment_tokens()[0]
+
+    assert reason_of(verifier.enroll, pem, token, "software", False) == "unsupported_algorithm"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -64,6 +65,8 @@ def record_from_csr(
         signature_valid = csr.is_signature_valid
     except (ValueError, TypeError):
         raise VerificationError("bad_csr", "CSR does not parse") from None
+    except UnsupportedAlgorithm:
+        raise VerificationError("unsupported_algorithm", "CSR key type is not supported") from None
     if not signature_valid:
         raise VerificationError("bad_csr", "CSR signature does not verify with its key")
 
