@@ -531,6 +531,40 @@ def test_always_authenticate_key_signs(softhsm_token, softhsm_key_uri):
         _sign_and_verify(key)
 
 
+
+def test_always_authenticate_wrong_pin_not_sent_again(softhsm_new_token, tmp_path):
+    # Each signature with a CKA_ALWAYS_AUTHENTICATE key sends the PIN (context-specific
+    # C_Login), read again from the pin-source. A wrong PIN there must be remembered like one
+    # at login, not sent with every signature until the token locks.
+    token = softhsm_new_token()
+    backend.generate_key(token.key_uri(label="k"), "ec-p256")  # logs this process in
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(token.user_pin_file.read_text())
+    pin_file.chmod(0o600)
+    uri = Pkcs11URI.parse(token.key_uri(label="always")).with_attributes(
+        pin_source=f"file:{pin_file}"
+    )
+    session = _raw_session(token)
+    session.generate_keypair(
+        p11.KeyType.EC, store=True, id=b"\x0b\x0b", label="always",
+        public_template={p11.Attribute.EC_PARAMS: bytes.fromhex("06082a8648ce3d030107")},
+        private_template={p11.Attribute.ALWAYS_AUTHENTICATE: True},
+    )
+    session.close()
+    key = backend.open_key(str(uri))
+    _sign_and_verify(key)
+
+    pin_file.write_text("999999")
+    with pytest.raises(PinIncorrectError) as first:
+        key.sign(MESSAGE, ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(PinIncorrectError) as second:
+        key.sign(MESSAGE, ec.ECDSA(hashes.SHA256()))
+
+    assert first.value.rv_name == "CKR_PIN_INCORRECT"
+    assert "rejected before in this process and is not tried again" in str(second.value)
+    assert "999999" not in str(first.value) + str(second.value)
+
+
 def test_generate_with_used_label_rejected(softhsm_token):
     label = unique_label("used")
     backend.generate_key(softhsm_token.key_uri(label=label), "ec-p256")

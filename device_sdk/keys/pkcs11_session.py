@@ -817,8 +817,28 @@ class Pkcs11Signer:
 
     def _sign_call(self, key: Any, data: bytes, mechanism: Mechanism, param: Any) -> bytes:
         if self._always_authenticate:
-            # CKA_ALWAYS_AUTHENTICATE keys need the PIN again for each operation.
-            return key.sign(data, mechanism=mechanism, mechanism_param=param, pin=self._pin())  # type: ignore[no-any-return]
+            # CKA_ALWAYS_AUTHENTICATE keys need the PIN again for each operation (a
+            # context-specific C_Login), read again from the pin-source. A rejected PIN is
+            # remembered as at login, so that it is not sent with every signature.
+            pin = self._pin()
+            state = self._state
+            fingerprint = _pin_fingerprint(state.serial, pin) if state and pin else None
+            if fingerprint is not None and fingerprint in _REJECTED_PINS:
+                raise PinIncorrectError(
+                    "this PIN was rejected before in this process and is not tried again, to "
+                    "spare the token's retry counter; correct the pin-source",
+                    operation="C_Login",
+                    token=self._label(),
+                )
+            try:
+                return key.sign(data, mechanism=mechanism, mechanism_param=param, pin=pin)  # type: ignore[no-any-return]
+            except p11e.PinIncorrect as exc:
+                if fingerprint is not None:
+                    _REJECTED_PINS.add(fingerprint)
+                raise pkcs11_error(
+                    "C_Login", self._label(), exc, "wrong PIN; not retried. Correct the pin-source",
+                    PinIncorrectError,
+                ) from exc
         return key.sign(data, mechanism=mechanism, mechanism_param=param)  # type: ignore[no-any-return]
 
     def sign_ecdsa_digest(self, digest: bytes) -> bytes:
