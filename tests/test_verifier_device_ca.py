@@ -261,3 +261,25 @@ def test_revoked_device_gets_no_certificate_with_its_spent_token(
 
     assert caught.value.reason == "revoked_device"
     assert issued is None
+
+
+def test_expired_ca_certificate_is_config_error(tmp_path: Path) -> None:
+    # An expired CA cannot issue a certificate: without this check the first enrollment
+    # failed with a ValueError (a 500) after the device record was already stored.
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "expired device CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=10))
+        .not_valid_after(now - datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+
+    with pytest.raises(ConfigError, match="expired on"):
+        DeviceCA(certificate, key)

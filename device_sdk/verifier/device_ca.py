@@ -67,6 +67,12 @@ class DeviceCA:
                 f"device CA certificate {certificate.subject.rfc4514_string()!r} is not a CA "
                 "certificate (basicConstraints CA:TRUE is missing)"
             )
+        expires = certificate.not_valid_after_utc
+        if expires <= datetime.datetime.now(datetime.UTC):
+            raise ConfigError(
+                f"device CA certificate {certificate.subject.rfc4514_string()!r} expired on "
+                f"{expires.isoformat()}; issue a new CA certificate"
+            )
         self.certificate = certificate
         self.private_key = private_key
         self.lifetime = lifetime
@@ -120,6 +126,11 @@ class DeviceCA:
             datetime.datetime.fromtimestamp(now + self.lifetime, datetime.UTC),
             self.certificate.not_valid_after_utc,
         )
+        if end <= start:
+            raise ConfigError(
+                f"device CA certificate {self.certificate.subject.rfc4514_string()!r} expired on "
+                f"{end.isoformat()}; issue a new CA certificate"
+            )
         public_key = csr.public_key()
         builder = (
             x509.CertificateBuilder()
