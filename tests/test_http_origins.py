@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
@@ -11,6 +12,7 @@ import requests
 from fixtures_login import VerifierServer
 from fixtures_services import HTTPServer, TestPKI, UvicornFactory
 
+from device_sdk.auth.flows import AccessToken
 from device_sdk.auth.origins import Origin, is_loopback_host, origin_of, token_origins
 from device_sdk.errors import ConfigError
 from device_sdk.http import DeviceAuth, DeviceRequestsAuth
@@ -204,3 +206,29 @@ def test_plain_http_loopback_origin_gets_token(
     token = auth.tokens.get()
     assert token is not None
     assert echoed.json() == {"authorization": token.authorization}
+
+
+def test_requests_401_after_redirect_to_other_origin_gets_no_token(software_key: Any) -> None:
+    # requests runs the response hook on every response of a redirect chain, and strips the
+    # Authorization header when the host changes. A 401 from the redirect target must not be
+    # retried there with the device's token.
+    class RecordingAdapter:
+        sent: list[requests.PreparedRequest] = []
+
+        def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+            self.sent.append(request)
+            return requests.Response()
+
+    auth = DeviceRequestsAuth(software_key, "https://verifier.example.com")
+    auth.tokens.put(AccessToken("secret-token", 300, time.monotonic() + 300))
+    redirected = requests.Request("GET", "https://elsewhere.example.net/x").prepare()
+    response = requests.Response()
+    response.status_code = 401
+    response.request = redirected
+    response.connection = RecordingAdapter()
+    response._content = b""
+
+    answer = auth._handle_401(response)
+
+    assert answer is response
+    assert RecordingAdapter.sent == []

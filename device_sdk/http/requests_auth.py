@@ -101,6 +101,10 @@ class DeviceRequestsAuth(AuthBase):
         if response.status_code != 401:
             return response
         request = response.request
+        # requests runs this hook on every response of a redirect chain too, and a redirect
+        # to another origin has lost the token on purpose: do not send it there again.
+        if origin_of(request.url or "") not in self.api_origins:
+            return response
         logger.info(
             "device %s: %s %s returned 401; logging in again once",
             self.device_id, request.method, request.url,
