@@ -114,6 +114,8 @@ def test_broker_address_parses(url: str, host: str, port: int, tls: bool) -> Non
         ("mqtt://", "the host is missing"),
         ("mqtt://127.0.0.1:1883/topic", "only scheme, host and port are allowed"),
         ("mqtt://127.0.0.1:port", "the port is not a number"),
+        ("mqtt://broker.example.com:1883", "uses plain mqtt to a host that is not loopback"),
+        ("mqtt://10.0.0.5", "use mqtts://10.0.0.5:8883"),
     ],
 )
 def test_broker_address_rejects(url: str, message: str) -> None:

@@ -48,6 +48,7 @@ from device_sdk.auth import (
 from device_sdk.auth.assertion import PrivateKey
 from device_sdk.auth.encoding import loads_json_object
 from device_sdk.auth.flows import MAX_NONCELESS_LIFETIME
+from device_sdk.auth.origins import is_loopback_host
 from device_sdk.errors import (
     ConfigError,
     DeviceSDKError,
@@ -132,6 +133,13 @@ class BrokerAddress:
             port = parts.port or DEFAULT_PORTS[scheme]
         except ValueError:
             raise ConfigError(f"invalid broker URL {url!r}: the port is not a number") from None
+        # Over plain TCP the password crosses the network readable and without a channel
+        # binding, so a listener could race the device to the broker with it.
+        if scheme == "mqtt" and not is_loopback_host(parts.hostname):
+            raise ConfigError(
+                f"broker URL {url!r} uses plain mqtt to a host that is not loopback; use "
+                f"mqtts://{parts.hostname}:8883 (or the broker's TLS port)"
+            )
         return cls(url, parts.hostname, port, scheme == "mqtts")
 
 

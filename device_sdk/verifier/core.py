@@ -474,6 +474,9 @@ class Verifier:
                 raise VerificationError("wrong_audience", "aud is not this verifier's issuer")
         elif audience not in self.config.broker_audiences:
             raise VerificationError("wrong_audience", "aud is not a configured broker")
+        # NOTE: a broker login accepts any configured broker audience, whichever broker's webhook
+        # calls, so a password minted for broker A also logs in at broker B of the same verifier.
+        # Closing this needs a mapping from each webhook caller to its broker URL.
 
     def _check_times(self, issued_at: int, expires_at: int, now: int) -> None:
         leeway = self.config.leeway
