@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -117,6 +119,41 @@ def test_lock_second_run_names_pid_and_file(tmp_path: Path) -> None:
     assert f"PID {holder.pid}" in str(info.value)
     assert str(lock_path) in str(info.value)
     assert "token 't' is being provisioned by another run" in str(info.value)
+
+
+def test_lock_waits_for_holder_pid(tmp_path: Path) -> None:
+    lock_path = tmp_path / "t.lock"
+    # A holder that has taken the lock but not yet written its PID, as just after flock().
+    holder_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder_fd, fcntl.LOCK_EX)
+    writer = threading.Timer(0.05, os.pwrite, (holder_fd, b"4242\n", 0))
+    writer.start()
+    try:
+        with pytest.raises(LockHeldError) as info:
+            with exclusive_lock(lock_path, what="token 't'"):
+                pass
+    finally:
+        writer.join()
+        os.close(holder_fd)
+
+    assert info.value.holder_pid == 4242
+    assert "(PID 4242, lock file" in str(info.value)
+
+
+def test_lock_taken_when_holder_releases(tmp_path: Path) -> None:
+    lock_path = tmp_path / "t.lock"
+    # A holder that has cleared its PID and is about to unlock, as at the end of its run.
+    holder_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder_fd, fcntl.LOCK_EX)
+    releaser = threading.Timer(0.05, os.close, (holder_fd,))
+    releaser.start()
+    try:
+        with exclusive_lock(lock_path, what="token 't'") as path:
+            locked_pid = path.read_text().strip()
+    finally:
+        releaser.join()
+
+    assert locked_pid == str(os.getpid())
 
 
 def test_lock_freed_when_holder_killed(tmp_path: Path) -> None:

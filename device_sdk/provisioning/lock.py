@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,6 +69,35 @@ def _read_holder_pid(fd: int) -> int | None:
         return None
 
 
+# The holder writes its PID just after taking the lock and clears it just before releasing it,
+# so a reader that finds no PID polls briefly: either the PID appears or the lock comes free.
+HOLDER_POLL_SECONDS = 0.5
+HOLDER_POLL_INTERVAL = 0.01
+_LOCKED = -1
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        return False
+    return True
+
+
+def _lock_or_find_holder(fd: int) -> int | None:
+    """Take the lock and return ``_LOCKED``, or return the holder's PID (None if unknown)."""
+    deadline = time.monotonic() + HOLDER_POLL_SECONDS
+    while True:
+        if _try_lock(fd):
+            return _LOCKED
+        holder = _read_holder_pid(fd)
+        if holder is not None or time.monotonic() >= deadline:
+            return holder
+        time.sleep(HOLDER_POLL_INTERVAL)
+
+
 @contextmanager
 def exclusive_lock(lock_path: Path, *, what: str) -> Iterator[Path]:
     """Hold an exclusive lock on ``lock_path`` for the ``with`` block, or raise LockHeldError.
@@ -85,19 +115,15 @@ def exclusive_lock(lock_path: Path, *, what: str) -> Iterator[Path]:
             step="lock",
         ) from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            holder = _read_holder_pid(fd)
+        holder = _lock_or_find_holder(fd)
+        if holder is not _LOCKED:
             holder_text = f"PID {holder}" if holder is not None else "an unknown process"
             raise LockHeldError(
                 f"{what} is being provisioned by another run ({holder_text}, lock file "
                 f"{lock_path}); wait for that run to finish and start again",
                 lock_path=lock_path,
                 holder_pid=holder,
-            ) from None
+            )
 
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
