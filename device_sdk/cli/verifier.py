@@ -487,7 +487,12 @@ def _print_table(records: Sequence[Any]) -> None:
     print(f"{'DEVICE ID':<43}  {'STATUS':<7}  {'ALG':<5}  {'BACKEND':<8}  HARDWARE  ENROLLED")
     for record in records:
         # hardware_backed is only what the device claimed at enrollment. Attestation proves it.
-        hardware = "attested" if record.attested else "claimed" if record.hardware_backed else "no"
+        if record.attested:
+            hardware = "attested"
+        elif record.hardware_backed:
+            hardware = "claimed"
+        else:
+            hardware = "no"
         print(
             f"{record.device_id:<43}  {record.status:<7}  {record.algorithm:<5}  "
             f"{record.backend:<8}  {hardware:<8}  {_timestamp(record.enrolled_at)}"

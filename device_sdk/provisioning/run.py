@@ -264,7 +264,9 @@ class _Run:
         if self.state.is_done("enroll") and self.state.device is not None:
             self._record("enroll", "recorded", started)
             return
-        assert self.key is not None and self.state.device_id and self.state.csr_pem
+        assert self.key is not None
+        assert self.state.device_id
+        assert self.state.csr_pem
         verify = _verify_setting(self.request.ca_bundle)
 
         # A key that was on the token before this config existed may be enrolled already. So
@@ -366,7 +368,9 @@ class _Run:
 
     def step_config(self) -> None:
         started = time.monotonic()
-        assert self.key is not None and self.state.device_id and self.state.algorithm
+        assert self.key is not None
+        assert self.state.device_id
+        assert self.state.algorithm
         if self.state.is_done("config") and self._config_is_current():
             self._record("config", "recorded", started)
             return
@@ -442,7 +446,9 @@ class _Run:
                 except DeviceSDKError as exc:
                     raise ProvisioningError(str(exc), step=step) from exc
 
-        assert self.key is not None and self.state.device_id and self.state.algorithm
+        assert self.key is not None
+        assert self.state.device_id
+        assert self.state.algorithm
         return ProvisioningResult(
             device_id=self.state.device_id,
             backend=self.key.backend,
