@@ -1,8 +1,10 @@
 """The device record cache of SQLiteDeviceRegistry never lets a revoked device log in.
 
-Each test runs two verifiers on one SQLite file, set up the way ``Verifier.open`` does it (the
-challenge store and the registry share their connections), and warms the cache of the first
-one before the device is revoked elsewhere.
+Each test runs two verifiers on one SQLite file whose challenge store and registry share their
+connections, and warms the cache of the first one before the device is revoked elsewhere. The
+tests run twice: with the challenge store checking device status, as ``Verifier.open`` sets it
+up (the verifier then trusts a successful nonce consume and skips the registry), and without
+(the verifier asks the registry, which checks ``PRAGMA data_version``).
 """
 
 from __future__ import annotations
@@ -27,20 +29,29 @@ from device_sdk.verifier import SQLiteChallengeStore, SQLiteDeviceRegistry, Veri
 from device_sdk.verifier.registry import ACTIVE, REVOKED
 
 
-def open_verifier(database: Path, clock: ManualClock) -> Verifier:
+def open_verifier(database: Path, clock: ManualClock, check_device_status: bool) -> Verifier:
     registry = SQLiteDeviceRegistry(database)
     return Verifier(
         verifier_config(),
         registry=registry,
-        challenges=SQLiteChallengeStore(registry.connections),
+        challenges=SQLiteChallengeStore(
+            registry.connections, check_device_status=check_device_status
+        ),
         clock=clock,
     )
 
 
+@pytest.fixture(params=[True, False], ids=["store-checks-status", "registry-checks-status"])
+def check_device_status(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
 @pytest.fixture
-def pair(tmp_path: Path, clock: ManualClock) -> Iterator[tuple[Verifier, Verifier]]:
-    first = open_verifier(tmp_path / "verifier.db", clock)
-    second = open_verifier(tmp_path / "verifier.db", clock)
+def pair(
+    tmp_path: Path, clock: ManualClock, check_device_status: bool
+) -> Iterator[tuple[Verifier, Verifier]]:
+    first = open_verifier(tmp_path / "verifier.db", clock, check_device_status)
+    second = open_verifier(tmp_path / "verifier.db", clock, check_device_status)
     yield first, second
     first.close()
     second.close()
@@ -69,7 +80,7 @@ def test_revoke_by_other_verifier_rejected(pair: tuple[Verifier, Verifier]) -> N
 
 
 def test_status_change_by_other_registry_rejected(pair: tuple[Verifier, Verifier]) -> None:
-    # set_status alone leaves the challenge in place, so only the registry lookup can reject.
+    # set_status alone, without the purge Verifier.revoke adds.
     first, second = pair
     device, assertion = warm_device(first)
 
@@ -146,6 +157,50 @@ def test_cached_lookup_skips_select(pair: tuple[Verifier, Verifier]) -> None:
     assert statements == ["PRAGMA data_version"]
 
 
+def test_verify_reads_no_registry_when_store_checks_status(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    # The point of check_device_status: one statement per verification, the nonce consume.
+    verifier = open_verifier(tmp_path / "verifier.db", clock, check_device_status=True)
+    try:
+        device, assertion = warm_device(verifier)
+        registry = verifier.registry
+        assert isinstance(registry, SQLiteDeviceRegistry)
+
+        statements: list[str] = []
+        registry.connections.get().set_trace_callback(statements.append)
+        verifier.verify_assertion(assertion, audience_kind="http")
+        registry.connections.get().set_trace_callback(None)
+    finally:
+        verifier.close()
+
+    assert len(statements) == 1
+    assert statements[0].startswith("UPDATE challenges SET consumed = 1 WHERE nonce = ")
+
+
+def test_revoke_before_challenge_insert_rejected(
+    tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The registry read of issue_challenge returns the device as active, then another verifier
+    # revokes it before the challenge is stored. The store's conditional insert rejects it.
+    first = open_verifier(tmp_path / "verifier.db", clock, check_device_status=True)
+    second = open_verifier(tmp_path / "verifier.db", clock, check_device_status=True)
+    try:
+        device = enroll(first)
+        active_record = first.registry.get(device.device_id)
+        second.revoke(device.device_id)
+        monkeypatch.setattr(first.registry, "get", lambda device_id: active_record)
+
+        with pytest.raises(VerificationError) as caught:
+            first.issue_challenge(device.device_id, first.config.issuer, "192.0.2.1")
+    finally:
+        first.close()
+        second.close()
+
+    assert caught.value.reason == "revoked_device"
+    assert caught.value.detail == "device was revoked while its challenge was issued"
+
+
 def test_unshared_challenge_store_still_correct(tmp_path: Path, clock: ManualClock) -> None:
     # Separate connections defeat the cache, because every nonce consume is another
     # connection's commit, but the results must stay the same.
@@ -156,7 +211,7 @@ def test_unshared_challenge_store_still_correct(tmp_path: Path, clock: ManualClo
         challenges=SQLiteChallengeStore(tmp_path / "verifier.db"),
         clock=clock,
     )
-    second = open_verifier(tmp_path / "verifier.db", clock)
+    second = open_verifier(tmp_path / "verifier.db", clock, check_device_status=False)
     try:
         device, assertion = warm_device(first)
         second.revoke(device.device_id)

@@ -1,4 +1,8 @@
-"""Every way an assertion is rejected, each its own case, with the reason code it must carry."""
+"""Every way an assertion is rejected, each its own case, with the reason code it must carry.
+
+Each case runs on the in-memory challenge store and on the embedded SQLite one, set up as
+``Verifier.open`` does (sharing the registry's database and checking device status there).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -30,6 +36,8 @@ from fixtures_verifier import (
     http_assertion,
     make_csr,
     make_key,
+    make_verifier,
+    verifier_config,
 )
 
 from device_sdk.auth import (
@@ -44,9 +52,32 @@ from device_sdk.auth import (
 )
 from device_sdk.auth.assertion import new_jti, sign_assertion
 from device_sdk.errors import VerificationError
-from device_sdk.verifier import Verifier, verify_signature
+from device_sdk.verifier import (
+    SQLiteChallengeStore,
+    SQLiteDeviceRegistry,
+    Verifier,
+    verify_signature,
+)
 
 P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def verifier(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: ManualClock
+) -> Iterator[Verifier]:
+    if request.param == "memory":
+        instance = make_verifier(tmp_path, clock)
+    else:
+        registry = SQLiteDeviceRegistry(tmp_path / "verifier.db")
+        instance = Verifier(
+            verifier_config(),
+            registry=registry,
+            challenges=SQLiteChallengeStore(registry.connections, clock, check_device_status=True),
+            clock=clock,
+        )
+    yield instance
+    instance.close()
 
 
 def reject(verifier: Verifier, token: str, kind: str = "http", **kwargs: Any) -> VerificationError:
@@ -165,12 +196,19 @@ def test_challenge_of_another_device_rejected(verifier: Verifier, device: Device
     )
     assert reject(verifier, token).reason == "wrong_device"
 
+    # The other device's attempt left the challenge usable by the device it was issued to.
+    own = sign_assertion(
+        device.key, claims_for(device.device_id, challenge), device_id=device.device_id
+    )
+    assert verifier.verify_assertion(own, audience_kind="http").nonce == challenge.nonce
+
 
 def test_challenge_for_another_audience_rejected(verifier: Verifier, device: Device) -> None:
     challenge = challenge_for(verifier, device.device_id, PLAIN_BROKER)
     claims = claims_for(device.device_id, challenge, aud=ISSUER)
     token = sign_assertion(device.key, claims, device_id=device.device_id)
     assert reject(verifier, token).reason == "wrong_audience"
+    assert verifier.challenges.find(challenge.nonce) == (challenge, False)
 
 
 # Audience
@@ -339,7 +377,7 @@ def test_revoked_device_gets_no_challenge(verifier: Verifier, device: Device) ->
 def test_revocation_purges_challenges(verifier: Verifier, device: Device) -> None:
     challenge = challenge_for(verifier, device.device_id)
     verifier.revoke(device.device_id)
-    assert verifier.challenges.consume(challenge.nonce) is None
+    assert verifier.challenges.find(challenge.nonce) is None
 
 
 def test_swapped_kid_with_other_key_rejected(verifier: Verifier, device: Device) -> None:

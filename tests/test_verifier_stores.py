@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from fixtures_verifier import (
 )
 
 from device_sdk.auth import Challenge, b64url_encode, build_assertion
-from device_sdk.errors import VerificationError
+from device_sdk.errors import ConfigError, VerificationError
 from device_sdk.verifier import (
     ChallengeStore,
     MemoryChallengeStore,
@@ -53,32 +54,50 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ChallengeS
     instance.close()
 
 
-def test_consume_returns_challenge_once(store: ChallengeStore) -> None:
+def consume(store: ChallengeStore, challenge: Challenge, now: int | None = None) -> bool:
+    """Spend a challenge as its own device's assertion would."""
+    when = int(time.time()) if now is None else now
+    return store.consume(challenge.nonce, challenge.device_id, challenge.audience, when)
+
+
+def test_consume_spends_challenge_once(store: ChallengeStore) -> None:
     challenge = make_challenge(1)
-    store.put(challenge)
-    assert store.consume(challenge.nonce) == challenge
-    assert store.consume(challenge.nonce) is None
+    assert store.put(challenge)
+    assert consume(store, challenge)
+    assert not consume(store, challenge)
 
 
-def test_consumed_nonce_remembered(store: ChallengeStore) -> None:
+def test_find_tells_consumed_from_pending(store: ChallengeStore) -> None:
     challenge = make_challenge(2)
     store.put(challenge)
-    assert not store.was_consumed(challenge.nonce)
-    store.consume(challenge.nonce)
-    assert store.was_consumed(challenge.nonce)
+    assert store.find(challenge.nonce) == (challenge, False)
+    consume(store, challenge)
+    assert store.find(challenge.nonce) == (challenge, True)
 
 
 def test_unknown_nonce(store: ChallengeStore) -> None:
-    assert store.consume(make_challenge(3).nonce) is None
-    assert not store.was_consumed(make_challenge(3).nonce)
+    assert not consume(store, make_challenge(3))
+    assert store.find(make_challenge(3).nonce) is None
 
 
-def test_expired_challenge_still_consumed(store: ChallengeStore) -> None:
-    # The verifier, not the store, decides expiry, so it can report challenge_expired.
+def test_expired_challenge_not_spent(store: ChallengeStore) -> None:
     now = int(time.time())
     challenge = Challenge(make_challenge(4).nonce, "d" * 43, ISSUER, now - 100, now - 40)
     store.put(challenge)
-    assert store.consume(challenge.nonce) == challenge
+    assert not consume(store, challenge, now=now)
+    # Still valid at its very last second.
+    assert consume(store, challenge, now=now - 40)
+
+
+def test_other_device_cannot_spend_challenge(store: ChallengeStore) -> None:
+    # An assertion of device "e..." carrying this device's nonce leaves the challenge usable.
+    challenge = make_challenge(5)
+    store.put(challenge)
+    now = int(time.time())
+    assert not store.consume(challenge.nonce, "e" * 43, challenge.audience, now)
+    assert not store.consume(challenge.nonce, challenge.device_id, "mqtts://other:8883", now)
+    assert store.find(challenge.nonce) == (challenge, False)
+    assert consume(store, challenge)
 
 
 def test_purge_device(store: ChallengeStore) -> None:
@@ -86,13 +105,13 @@ def test_purge_device(store: ChallengeStore) -> None:
     theirs = make_challenge(20, "b" * 43)
     for challenge in [*mine, theirs]:
         store.put(challenge)
-    store.consume(mine[0].nonce)
+    consume(store, mine[0])
 
     assert store.purge_device("a" * 43) == 2
-    assert store.consume(mine[1].nonce) is None
-    assert store.consume(mine[2].nonce) is None
-    assert store.was_consumed(mine[0].nonce)
-    assert store.consume(theirs.nonce) == theirs
+    assert not consume(store, mine[1])
+    assert store.find(mine[2].nonce) is None
+    assert store.find(mine[0].nonce) == (mine[0], True)
+    assert consume(store, theirs)
 
 
 def test_remember_jti(store: ChallengeStore) -> None:
@@ -103,15 +122,15 @@ def test_remember_jti(store: ChallengeStore) -> None:
 
 
 def test_parallel_consume_single_winner(store: ChallengeStore) -> None:
-    challenge = make_challenge(5)
+    challenge = make_challenge(6)
     store.put(challenge)
     barrier = threading.Barrier(PARALLEL_USES)
-    results: list[Challenge | None] = []
+    results: list[bool] = []
     lock = threading.Lock()
 
     def use() -> None:
         barrier.wait()
-        result = store.consume(challenge.nonce)
+        result = consume(store, challenge)
         with lock:
             results.append(result)
 
@@ -121,8 +140,7 @@ def test_parallel_consume_single_winner(store: ChallengeStore) -> None:
     for thread in threads:
         thread.join(timeout=30)
     assert len(results) == PARALLEL_USES
-    assert results.count(challenge) == 1
-    assert results.count(None) == PARALLEL_USES - 1
+    assert results.count(True) == 1
 
 
 def test_memory_store_sweeps_old_entries() -> None:
@@ -132,7 +150,7 @@ def test_memory_store_sweeps_old_entries() -> None:
     store.put(old)
     clock.advance(60 + SPENT_RETENTION + 11)
     store.put(make_challenge(7))
-    assert store.consume(old.nonce) is None
+    assert store.find(old.nonce) is None
 
 
 def test_redis_challenge_expires_with_ttl(redis_client: Any) -> None:
@@ -141,9 +159,88 @@ def test_redis_challenge_expires_with_ttl(redis_client: Any) -> None:
     store.put(challenge)
     ttl = redis_client.ttl(f"ttl:challenge:{challenge.nonce}")
     assert 60 + SPENT_RETENTION - 2 <= ttl <= 60 + SPENT_RETENTION
-    store.consume(challenge.nonce)
+    consume(store, challenge)
     # The spent marker keeps the challenge's TTL, so it does not live forever.
     assert redis_client.ttl(f"ttl:challenge:{challenge.nonce}") > 0
+
+
+# The SQLite store on the registry's database, checking device status
+
+
+@pytest.fixture
+def shared_database(tmp_path: Path) -> Iterator[tuple[Verifier, SQLiteChallengeStore]]:
+    """A verifier opened as Verifier.open opens it, and its challenge store."""
+    verifier = Verifier.open(tmp_path / "verifier.db", verifier_config())
+    assert isinstance(verifier.challenges, SQLiteChallengeStore)
+    yield verifier, verifier.challenges
+    verifier.close()
+
+
+def test_status_check_rejects_unknown_device(
+    shared_database: tuple[Verifier, SQLiteChallengeStore],
+) -> None:
+    _, store = shared_database
+    assert store.checks_device_status
+    challenge = make_challenge(4000)
+
+    assert not store.put(challenge)
+    assert store.find(challenge.nonce) is None
+
+
+def test_status_check_rejects_revoked_device(
+    shared_database: tuple[Verifier, SQLiteChallengeStore],
+) -> None:
+    verifier, store = shared_database
+    device = enroll(verifier)
+    verifier.registry.set_status(device.device_id, "revoked", verifier.now())
+    challenge = make_challenge(4001, device.device_id)
+
+    assert not store.put(challenge)
+    assert store.find(challenge.nonce) is None
+
+
+def test_sql_revocation_purges_pending_challenges(
+    tmp_path: Path, shared_database: tuple[Verifier, SQLiteChallengeStore]
+) -> None:
+    # In any process, the triggers delete the pending challenges in the transaction that
+    # revokes the device. The spent marker stays, so a replay is still reported as one.
+    verifier, store = shared_database
+    device = enroll(verifier)
+    spent, pending = (make_challenge(4002 + i, device.device_id) for i in range(2))
+    assert store.put(spent)
+    assert store.put(pending)
+    assert consume(store, spent)
+
+    other = sqlite3.connect(tmp_path / "verifier.db", isolation_level=None)
+    other.execute("UPDATE devices SET status = 'revoked' WHERE device_id = ?", (device.device_id,))
+    other.close()
+
+    assert store.find(pending.nonce) is None
+    assert store.find(spent.nonce) == (spent, True)
+
+
+def test_deleted_device_loses_pending_challenges(
+    tmp_path: Path, shared_database: tuple[Verifier, SQLiteChallengeStore]
+) -> None:
+    verifier, store = shared_database
+    device = enroll(verifier)
+    pending = make_challenge(4004, device.device_id)
+    assert store.put(pending)
+
+    other = sqlite3.connect(tmp_path / "verifier.db", isolation_level=None)
+    other.execute("DELETE FROM devices WHERE device_id = ?", (device.device_id,))
+    other.close()
+
+    assert store.find(pending.nonce) is None
+
+
+def test_status_check_without_registry_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        SQLiteChallengeStore(tmp_path / "challenges.db", check_device_status=True)
+    assert str(caught.value) == (
+        f"{tmp_path / 'challenges.db'} has no devices table to check device status in; open "
+        "the SQLiteDeviceRegistry first and pass its connections"
+    )
 
 
 # Two verifier processes sharing one store
@@ -240,18 +337,17 @@ def test_outstanding_challenges_per_device_capped(store: ChallengeStore) -> None
     other_device = make_challenge(2000, device_id="e" * 43)
     store.put(other_device)
 
-    consumed = [store.consume(challenge.nonce) for challenge in challenges]
+    consumed = [consume(store, challenge) for challenge in challenges]
 
-    assert consumed[:8] == [None] * 8
-    assert consumed[8:] == challenges[8:]
-    assert store.consume(other_device.nonce) == other_device
+    assert consumed == [False] * 8 + [True] * MAX_OUTSTANDING_CHALLENGES
+    assert consume(store, other_device)
 
 
 def test_consumed_challenges_not_dropped_for_cap(store: ChallengeStore) -> None:
     first = make_challenge(3000)
     store.put(first)
-    assert store.consume(first.nonce) == first
+    assert consume(store, first)
     for number in range(MAX_OUTSTANDING_CHALLENGES + 1):
         store.put(make_challenge(3001 + number))
 
-    assert store.was_consumed(first.nonce)
+    assert store.find(first.nonce) == (first, True)

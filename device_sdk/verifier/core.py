@@ -199,8 +199,9 @@ class Verifier:
             challenges = RedisChallengeStore.from_url(redis_url)
         else:
             # One connection per thread for both stores, so the registry's record cache is
-            # invalidated by other processes' commits only, not by this one's nonce consumes.
-            challenges = SQLiteChallengeStore(registry.connections)
+            # invalidated by other processes' commits only, not by this one's nonce consumes,
+            # and the nonce consume can check the device's status in the same statement.
+            challenges = SQLiteChallengeStore(registry.connections, check_device_status=True)
         if signing_key_path is None:
             signing_key_path = db_path.with_name(db_path.stem + "-signing-key.pem")
         signing_key = load_or_create_signing_key(signing_key_path)
@@ -268,7 +269,9 @@ class Verifier:
                 )
         if self.config.channel_bindings_for(audience) is None:
             raise VerificationError("wrong_audience", "audience is not served by this verifier")
-        self._active_record(device_id)
+        # A store that checks device status rejects the challenge below if the device is not
+        # active, so a cached record is enough here.
+        self._active_record(device_id, unconfirmed=self.challenges.checks_device_status)
         if self._challenge_per_device is not None:
             # Keyed on the device and the address together: the endpoint takes no credentials,
             # so a budget per device alone would let anyone spend the device's challenges.
@@ -287,11 +290,19 @@ class Verifier:
             server_time=now,
             expires_at=now + self.config.challenge_lifetime,
         )
-        self.challenges.put(challenge)
+        if not self.challenges.put(challenge):
+            # A revocation committed after the registry read above. The fresh read raises for it.
+            self._active_record(device_id)
+            raise VerificationError(
+                "revoked_device", "device was revoked while its challenge was issued"
+            )
         return challenge
 
-    def _active_record(self, device_id: str) -> DeviceRecord:
-        record = self.registry.get(device_id)
+    def _active_record(self, device_id: str, *, unconfirmed: bool = False) -> DeviceRecord:
+        if unconfirmed:
+            record = self.registry.get_unconfirmed(device_id)
+        else:
+            record = self.registry.get(device_id)
         if record is None:
             raise VerificationError("unknown_device", "device is not enrolled", device_id=device_id)
         if record.status != ACTIVE:
@@ -398,7 +409,9 @@ class Verifier:
                     "rate_limited", "too many failed assertions for this device", retry_after=wait
                 )
 
-        record = self._active_record(device_id)
+        # When a successful nonce consume proves the device active, the registry need not be
+        # read now, because a revocation this cache missed makes the consume fail.
+        record = self._active_record(device_id, unconfirmed=self.challenges.checks_device_status)
         if algorithm != record.algorithm:
             raise VerificationError(
                 "algorithm_mismatch", f"alg {algorithm} but the device enrolled {record.algorithm}"
@@ -543,11 +556,17 @@ class Verifier:
         return check
 
     def _consume_nonce(self, nonce: str, device_id: str, audience: str, now: int) -> None:
-        challenge = self.challenges.consume(nonce)
-        if challenge is None:
-            if self.challenges.was_consumed(nonce):
-                raise VerificationError("replayed", "nonce was already used")
+        if self.challenges.consume(nonce, device_id, audience, now):
+            return
+        # The store left the challenge as it was; find out why, for the reason code.
+        if self.challenges.checks_device_status:
+            self._active_record(device_id)
+        found = self.challenges.find(nonce)
+        if found is None:
             raise VerificationError("unknown_nonce", "no challenge has this nonce")
+        challenge, consumed = found
+        if consumed:
+            raise VerificationError("replayed", "nonce was already used")
         if challenge.device_id != device_id:
             raise VerificationError("wrong_device", "challenge was issued to another device")
         if challenge.audience != audience:
@@ -556,6 +575,8 @@ class Verifier:
             raise VerificationError(
                 "challenge_expired", f"challenge expired {now - challenge.expires_at} s ago"
             )
+        # Unreachable unless the store broke its contract, and then the assertion must fail.
+        raise VerificationError("unknown_nonce", "the challenge store did not spend the nonce")
 
     def _spend_jti(self, jti: str, audience: str, issued_at: int, expires_at: int) -> None:
         if audience not in self.config.nonceless_audiences:

@@ -59,6 +59,15 @@ class DeviceRegistry(Protocol):
     def get(self, device_id: str) -> DeviceRecord | None:
         """Return the record of a device, or None if it was never enrolled."""
 
+    def get_unconfirmed(self, device_id: str) -> DeviceRecord | None:
+        """Return an active record, maybe from a cache that missed a later revocation.
+
+        Only for a caller that confirms the device is active in the same atomic step that acts
+        on it (see ``ChallengeStore.checks_device_status``). A device id is the hash of its
+        public key, so the key and algorithm of a cached record are always right. Fields other
+        than ``status`` may lag. A record that is not active is read again, as by :meth:`get`.
+        """
+
     def list_devices(self) -> list[DeviceRecord]:
         """Return every record, oldest enrollment first."""
 
@@ -208,8 +217,9 @@ class SQLiteDeviceRegistry:
         # generation here and the row is read again. Writes through this registry bump the
         # generation themselves. A record is tagged with the generation read *before* its
         # SELECT, so a row read before another thread's bump can never be served after it.
-        # NOTE: with several threads verifying at once, each thread's nonce consumes are other
-        # connections' commits for the rest, so the cache then mostly misses (but stays correct).
+        # NOTE: with several threads at once, each thread's nonce consumes are other connections'
+        # commits for the rest, so this check then mostly misses (but stays correct). The login
+        # path of Verifier.open avoids it through get_unconfirmed; access-token checks do not.
         generation = self._generation
         if self._connections.data_version_changed():
             generation = self._invalidate()
@@ -230,6 +240,12 @@ class SQLiteDeviceRegistry:
                 self._records.clear()
             self._records[device_id] = (generation, record)
         return record
+
+    def get_unconfirmed(self, device_id: str) -> DeviceRecord | None:
+        cached = self._records.get(device_id)
+        if cached is not None and cached[1].status == ACTIVE:
+            return cached[1]
+        return self.get(device_id)
 
     def list_devices(self) -> list[DeviceRecord]:
         rows = (
