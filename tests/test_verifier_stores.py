@@ -27,6 +27,7 @@ from device_sdk.verifier import (
     MemoryChallengeStore,
     RedisChallengeStore,
     SQLiteChallengeStore,
+    SQLiteDeviceRegistry,
     Verifier,
 )
 from device_sdk.verifier.stores import MAX_OUTSTANDING_CHALLENGES, SPENT_RETENTION
@@ -232,6 +233,30 @@ def test_deleted_device_loses_pending_challenges(
     other.close()
 
     assert store.find(pending.nonce) is None
+
+
+def test_status_check_drops_older_pending_challenges(tmp_path: Path) -> None:
+    # A database from before the triggers may hold a pending challenge of a device revoked by
+    # set_status alone. Opening the store with the check deletes it.
+    registry = SQLiteDeviceRegistry(tmp_path / "verifier.db")
+    unchecked = SQLiteChallengeStore(registry.connections)
+    connection = registry.connections.get()
+    for device_id, status in (("a" * 43, "active"), ("r" * 43, "revoked")):
+        connection.execute(
+            "INSERT INTO devices (device_id, algorithm, public_key_pem, status, backend, "
+            "hardware_backed, enrolled_at) VALUES (?, 'ES256', 'PEM', ?, 'software', 0, 0)",
+            (device_id, status),
+        )
+    active = make_challenge(4005, "a" * 43)
+    revoked = make_challenge(4006, "r" * 43)
+    assert unchecked.put(active)
+    assert unchecked.put(revoked)
+
+    checked = SQLiteChallengeStore(registry.connections, check_device_status=True)
+
+    assert checked.find(revoked.nonce) is None
+    assert checked.find(active.nonce) == (active, False)
+    checked.close()
 
 
 def test_status_check_without_registry_rejected(tmp_path: Path) -> None:

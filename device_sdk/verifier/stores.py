@@ -207,8 +207,10 @@ _INSERT_IF_DEVICE_ACTIVE = (
     "WHERE EXISTS (SELECT 1 FROM devices WHERE device_id = ?2 AND status = 'active')"
 )
 # With put's conditional insert, these keep "an unconsumed challenge belongs to an active
-# device" true at every commit (see SQLiteChallengeStore).
+# device" true at every commit (see SQLiteChallengeStore). The DELETE makes it true for rows
+# written before the triggers existed, in the same transaction that creates them.
 _DEVICE_STATUS_TRIGGERS = """
+BEGIN IMMEDIATE;
 CREATE TRIGGER IF NOT EXISTS challenges_purge_on_revoke AFTER UPDATE OF status ON devices
 WHEN NEW.status != 'active'
 BEGIN
@@ -218,6 +220,9 @@ CREATE TRIGGER IF NOT EXISTS challenges_purge_on_delete AFTER DELETE ON devices
 BEGIN
     DELETE FROM challenges WHERE device_id = OLD.device_id AND consumed = 0;
 END;
+DELETE FROM challenges WHERE consumed = 0 AND device_id NOT IN
+    (SELECT device_id FROM devices WHERE status = 'active');
+COMMIT;
 """
 
 
