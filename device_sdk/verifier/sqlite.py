@@ -27,8 +27,8 @@ def connect_sqlite(path: str | Path) -> sqlite3.Connection:
     Every login writes one page to the WAL (its nonce consume), so a new database gets 1 KiB
     pages instead of 4 KiB: a quarter of the bytes to write and later checkpoint. A checkpoint
     then runs every 4096 pages, the same 4 MiB as SQLite's default. Together they take a
-    consume from about 16 to 11 µs on a 2-core x86_64 machine (docs/benchmarks.md). An existing database keeps
-    the page size it was created with.
+    consume from about 16 to 11 µs on a 2-core x86_64 machine (docs/benchmarks.md). An existing
+    database keeps the page size it was created with.
     """
     connection = sqlite3.connect(
         str(path),
