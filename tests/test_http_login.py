@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from fixtures_services import TestPKI, UvicornFactory
 
 from device_sdk.errors import LoginError
 from device_sdk.http import DeviceAuth, DeviceRequestsAuth
+from device_sdk.http.httpx_auth import TokenCache
 
 pytestmark = pytest.mark.slow
 
@@ -113,6 +116,106 @@ def test_401_logs_in_once_more(
         ("/v1/whoami", 401), ("/v1/challenges", 200), ("/v1/token", 200)
     ]
     assert auth.logins == 2
+
+
+CONCURRENT_REQUESTS = 8
+
+
+def test_httpx_concurrent_first_requests_log_in_once(
+    https_verifier: VerifierServer, device_key: Any, test_pki: TestPKI
+) -> None:
+    device_id = https_verifier.enroll(device_key)
+    auth = DeviceAuth(device_key, https_verifier.url)
+    barrier = threading.Barrier(CONCURRENT_REQUESTS)
+
+    with httpx.Client(auth=auth, verify=test_pki.client_ssl_context()) as client:
+
+        def call(_: int) -> httpx.Response:
+            barrier.wait(timeout=30)
+            return client.get(whoami_url(https_verifier))
+
+        with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
+            responses = list(pool.map(call, range(CONCURRENT_REQUESTS)))
+
+    assert [response.status_code for response in responses] == [200] * CONCURRENT_REQUESTS
+    assert {response.json()["device_id"] for response in responses} == {device_id}
+    assert auth.logins == 1
+
+
+def test_httpx_async_concurrent_first_requests_log_in_once(
+    https_verifier: VerifierServer, device_key: Any, test_pki: TestPKI
+) -> None:
+    https_verifier.enroll(device_key)
+    auth = DeviceAuth(device_key, https_verifier.url)
+
+    async def call() -> list[httpx.Response]:
+        async with httpx.AsyncClient(auth=auth, verify=test_pki.client_ssl_context()) as client:
+            calls = [client.get(whoami_url(https_verifier)) for _ in range(CONCURRENT_REQUESTS)]
+            return list(await asyncio.gather(*calls))
+
+    responses = asyncio.run(call())
+
+    assert [response.status_code for response in responses] == [200] * CONCURRENT_REQUESTS
+    assert auth.logins == 1
+
+
+def test_httpx_async_auth_reused_in_new_event_loop(
+    https_verifier: VerifierServer, device_key: Any, test_pki: TestPKI
+) -> None:
+    # The login lock of the first loop must not be used, or block, in the second.
+    https_verifier.enroll(device_key)
+    auth = DeviceAuth(device_key, https_verifier.url)
+
+    async def call() -> int:
+        # An empty cache, so that each loop logs in and takes its login lock.
+        auth.tokens = TokenCache()
+        async with httpx.AsyncClient(auth=auth, verify=test_pki.client_ssl_context()) as client:
+            response = await client.get(whoami_url(https_verifier))
+            return response.status_code
+
+    assert asyncio.run(call()) == 200
+    assert asyncio.run(call()) == 200
+    assert auth.logins == 2
+
+
+def test_httpx_concurrent_401s_log_in_once(
+    https_verifier: VerifierServer, device_key: Any, test_pki: TestPKI
+) -> None:
+    # Every request carries a token the server rejects. The first to take the login lock logs
+    # in, and the others find the new token there and retry with it.
+    https_verifier.enroll(device_key)
+    auth = DeviceAuth(device_key, https_verifier.url)
+    barrier = threading.Barrier(CONCURRENT_REQUESTS)
+    with httpx.Client(auth=auth, verify=test_pki.client_ssl_context()) as client:
+        token = auth.login(client)
+        forged = type(token)("not-a-valid-token", token.expires_in, token.expires_at_monotonic)
+        auth.tokens.put(forged)
+
+        def call(_: int) -> httpx.Response:
+            barrier.wait(timeout=30)
+            return client.get(whoami_url(https_verifier))
+
+        with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
+            responses = list(pool.map(call, range(CONCURRENT_REQUESTS)))
+
+    assert [response.status_code for response in responses] == [200] * CONCURRENT_REQUESTS
+    assert auth.logins == 2
+
+
+def test_httpx_login_through_client_with_same_auth(
+    https_verifier: VerifierServer, device_key: Any, test_pki: TestPKI
+) -> None:
+    # login() sends its requests without the client's auth, so it neither waits for its own
+    # lock nor sends a token to the challenge endpoint.
+    https_verifier.enroll(device_key)
+    auth = DeviceAuth(device_key, https_verifier.url)
+
+    with httpx.Client(auth=auth, verify=test_pki.client_ssl_context()) as client:
+        auth.login(client)
+        response = client.get(whoami_url(https_verifier))
+
+    assert response.status_code == 200
+    assert auth.logins == 1
 
 
 def test_requests_401_logs_in_once_more(

@@ -5,10 +5,16 @@ flow runs through the same ``httpx.Client`` or ``httpx.AsyncClient``. It fetches
 signs an assertion bound to the verifier certificate of the challenge's connection, and
 exchanges it at the token endpoint. A 401 on the
 protected request drops the token and logs in once more; a second 401 is returned to the caller.
+
+Requests that start together without a valid token wait for one login, because a lock spans the
+login's requests. It is a threading lock for ``httpx.Client`` and an asyncio lock per event loop
+for ``httpx.AsyncClient``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import logging
 import threading
 import time
@@ -94,6 +100,16 @@ class TokenCache:
                 self._token = None
 
 
+class _LoginLock(enum.Enum):
+    """A step of :meth:`DeviceAuth._auth_steps` that the sync or async driver carries out."""
+
+    ACQUIRE = "acquire"
+    RELEASE = "release"
+
+
+AuthStep = httpx.Request | _LoginLock
+
+
 class DeviceAuth(httpx.Auth):
     """Authenticate httpx requests as a device whose key signs the verifier's challenges.
 
@@ -132,36 +148,90 @@ class DeviceAuth(httpx.Auth):
         self._certificates: weakref.WeakKeyDictionary[httpx.Response, bytes] = (
             weakref.WeakKeyDictionary()
         )
+        self._thread_login_lock = threading.Lock()
+        # An asyncio.Lock belongs to one event loop, and a client may be used from several.
+        self._loop_login_locks: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, asyncio.Lock
+        ] = weakref.WeakKeyDictionary()
 
     def sync_auth_flow(
         self, request: httpx.Request
     ) -> Generator[httpx.Request, httpx.Response, None]:
         request.read()
-        flow = self.auth_flow(request)
-        request = next(flow)
-        while True:
-            response = yield request
-            self._keep_certificate(response)
-            response.read()
-            try:
-                request = flow.send(response)
-            except StopIteration:
-                break
+        steps = self._auth_steps(request)
+        holding_lock = False
+        try:
+            step = next(steps)
+            while True:
+                if step is _LoginLock.ACQUIRE:
+                    self._thread_login_lock.acquire()
+                    holding_lock = True
+                    step = steps.send(None)
+                    continue
+                if step is _LoginLock.RELEASE:
+                    self._thread_login_lock.release()
+                    holding_lock = False
+                    step = steps.send(None)
+                    continue
+
+                response = yield step
+                self._keep_certificate(response)
+                response.read()
+                try:
+                    step = steps.send(response)
+                except StopIteration:
+                    break
+        finally:
+            if holding_lock:
+                self._thread_login_lock.release()
 
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         await request.aread()
-        flow = self.auth_flow(request)
-        request = next(flow)
-        while True:
-            response = yield request
-            self._keep_certificate(response)
-            await response.aread()
-            try:
-                request = flow.send(response)
-            except StopIteration:
-                break
+        steps = self._auth_steps(request)
+        lock = self._loop_login_lock()
+        holding_lock = False
+        try:
+            step = next(steps)
+            while True:
+                if step is _LoginLock.ACQUIRE:
+                    if lock is not None:
+                        await lock.acquire()
+                        holding_lock = True
+                    step = steps.send(None)
+                    continue
+                if step is _LoginLock.RELEASE:
+                    if lock is not None:
+                        lock.release()
+                        holding_lock = False
+                    step = steps.send(None)
+                    continue
+
+                response = yield step
+                self._keep_certificate(response)
+                await response.aread()
+                try:
+                    step = steps.send(response)
+                except StopIteration:
+                    break
+        finally:
+            if holding_lock and lock is not None:
+                lock.release()
+
+    def _loop_login_lock(self) -> asyncio.Lock | None:
+        """Return the login lock of the running asyncio event loop, or None outside asyncio."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            # NOTE: under trio (httpx runs on it through anyio) there is no asyncio loop, so
+            # requests that start together without a token each log in.
+            return None
+        lock = self._loop_login_locks.get(loop)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._loop_login_locks[loop] = lock
+        return lock
 
     def _keep_certificate(self, response: httpx.Response) -> None:
         """Store the certificate of a login response while its connection is still open."""
@@ -174,7 +244,13 @@ class DeviceAuth(httpx.Auth):
     def _certificate_of(self, response: httpx.Response) -> bytes:
         return self._certificates.get(response) or httpx_peer_certificate(response)
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+    def _auth_steps(
+        self, request: httpx.Request
+    ) -> Generator[AuthStep, httpx.Response | None, None]:
+        """Yield the requests to send for ``request``, and where to take and drop the login lock.
+
+        The drivers above send back the response to each request, and None after a lock step.
+        """
         if origin_of(str(request.url)) not in self.api_origins:
             logger.debug(
                 "device %s: %s %s is outside the API origins; sent without a token",
@@ -184,55 +260,77 @@ class DeviceAuth(httpx.Auth):
             return
 
         token = self.tokens.get()
-        # NOTE: requests that start together without a valid token each log in, since no lock
-        # spans the login's requests; the last token stored wins and the others stay valid.
         if token is None:
-            token = yield from self._login()
+            token = yield from self._login_once(None)
         request.headers["Authorization"] = token.authorization
         response = yield request
-        if response.status_code != 401:
+        if response is None or response.status_code != 401:
             return
 
         logger.info(
             "device %s: %s %s returned 401; logging in again once",
             self.device_id, request.method, request.url,
         )
-        self.tokens.discard(token)
-        token = yield from self._login()
+        token = yield from self._login_once(token)
         request.headers["Authorization"] = token.authorization
         yield request
 
+    def _login_once(
+        self, rejected: AccessToken | None
+    ) -> Generator[AuthStep, httpx.Response | None, AccessToken]:
+        """Log in under the login lock, unless another request did so while this one waited.
+
+        ``rejected`` is the token a 401 just refused, or None when there was no valid token.
+        """
+        yield _LoginLock.ACQUIRE
+        if rejected is not None:
+            self.tokens.discard(rejected)
+        token = self.tokens.get()
+        if token is None:
+            token = yield from self._login()
+        yield _LoginLock.RELEASE
+        return token
+
     def login(self, client: httpx.Client) -> AccessToken:
         """Log in now through ``client`` and cache the token, without a protected request."""
-        flow = self._login()
-        request = next(flow)
-        while True:
-            response = client.send(request, stream=True)
-            try:
-                self._keep_certificate(response)
-                response.read()
-            finally:
-                response.close()
-            try:
-                request = flow.send(response)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
+        with self._thread_login_lock:
+            flow = self._login()
+            request = next(flow)
+            while True:
+                # auth=None: a client built with this auth would otherwise wait for the lock.
+                response = client.send(request, stream=True, auth=None)
+                try:
+                    self._keep_certificate(response)
+                    response.read()
+                finally:
+                    response.close()
+                try:
+                    request = flow.send(response)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
 
     async def alogin(self, client: httpx.AsyncClient) -> AccessToken:
         """Log in now through ``client`` and cache the token, without a protected request."""
-        flow = self._login()
-        request = next(flow)
-        while True:
-            response = await client.send(request, stream=True)
-            try:
-                self._keep_certificate(response)
-                await response.aread()
-            finally:
-                await response.aclose()
-            try:
-                request = flow.send(response)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
+        lock = self._loop_login_lock()
+        if lock is not None:
+            await lock.acquire()
+        try:
+            flow = self._login()
+            request = next(flow)
+            while True:
+                response = await client.send(request, stream=True, auth=None)
+                try:
+                    self._keep_certificate(response)
+                    await response.aread()
+                finally:
+                    await response.aclose()
+                try:
+                    request = flow.send(response)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+        finally:
+            if lock is not None:
+                lock.release()
 
     def _login(self) -> Generator[httpx.Request, httpx.Response, AccessToken]:
         started = time.monotonic()
