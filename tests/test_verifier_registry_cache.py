@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_verifier import (
+    NONCELESS_BROKER,
     Device,
     ManualClock,
     enroll,
@@ -24,6 +25,8 @@ from fixtures_verifier import (
     verifier_config,
 )
 
+from device_sdk.auth import ServerClock, mqtt_password_without_nonce
+from device_sdk.auth.assertion import new_jti, sign_assertion
 from device_sdk.errors import VerificationError
 from device_sdk.verifier import SQLiteChallengeStore, SQLiteDeviceRegistry, Verifier
 from device_sdk.verifier.registry import ACTIVE, REVOKED
@@ -117,6 +120,47 @@ def test_revoke_by_other_process_rejected(tmp_path: Path, pair: tuple[Verifier, 
     )
 
     assert reason_of(first, assertion) == "revoked_device"
+
+
+def test_nonceless_login_after_other_revoke_rejected(
+    pair: tuple[Verifier, Verifier], clock: ManualClock
+) -> None:
+    # Without a nonce no consume proves the device active, so the registry must be read.
+    first, second = pair
+    device, _ = warm_device(first)
+
+    second.registry.set_status(device.device_id, REVOKED, first.now())
+
+    password = mqtt_password_without_nonce(
+        device.key, NONCELESS_BROKER, None, clock=ServerClock(clock.now)
+    )
+    with pytest.raises(VerificationError) as caught:
+        first.verify_assertion(password, audience_kind="mqtt")
+    assert caught.value.reason == "revoked_device"
+
+
+def test_null_nonce_after_other_revoke_rejected(
+    pair: tuple[Verifier, Verifier], clock: ManualClock
+) -> None:
+    # "nonce": null is read as no nonce, so it must not count as proof either.
+    first, second = pair
+    device, _ = warm_device(first)
+    second.registry.set_status(device.device_id, REVOKED, first.now())
+    now = int(clock.now)
+    claims = {
+        "iss": device.device_id,
+        "sub": device.device_id,
+        "aud": NONCELESS_BROKER,
+        "iat": now,
+        "exp": now + 20,
+        "jti": new_jti(),
+        "nonce": None,
+    }
+    password = sign_assertion(device.key, claims, device_id=device.device_id)
+
+    with pytest.raises(VerificationError) as caught:
+        first.verify_assertion(password, audience_kind="mqtt")
+    assert caught.value.reason == "revoked_device"
 
 
 def test_reactivation_by_other_registry_accepted(pair: tuple[Verifier, Verifier]) -> None:

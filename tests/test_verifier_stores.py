@@ -220,21 +220,6 @@ def test_sql_revocation_purges_pending_challenges(
     assert store.find(spent.nonce) == (spent, True)
 
 
-def test_deleted_device_loses_pending_challenges(
-    tmp_path: Path, shared_database: tuple[Verifier, SQLiteChallengeStore]
-) -> None:
-    verifier, store = shared_database
-    device = enroll(verifier)
-    pending = make_challenge(4004, device.device_id)
-    assert store.put(pending)
-
-    other = sqlite3.connect(tmp_path / "verifier.db", isolation_level=None)
-    other.execute("DELETE FROM devices WHERE device_id = ?", (device.device_id,))
-    other.close()
-
-    assert store.find(pending.nonce) is None
-
-
 def test_status_check_drops_older_pending_challenges(tmp_path: Path) -> None:
     # A database from before the triggers may hold a pending challenge of a device revoked by
     # set_status alone. Opening the store with the check deletes it.
@@ -257,6 +242,50 @@ def test_status_check_drops_older_pending_challenges(tmp_path: Path) -> None:
     assert checked.find(revoked.nonce) is None
     assert checked.find(active.nonce) == (active, False)
     checked.close()
+
+
+def test_status_triggers_bind_unchecked_writers(
+    tmp_path: Path, shared_database: tuple[Verifier, SQLiteChallengeStore]
+) -> None:
+    # A store without the check, or an older release, on the same file: the database itself
+    # skips the challenge of a device that is not active.
+    verifier, _ = shared_database
+    device = enroll(verifier)
+    verifier.registry.set_status(device.device_id, "revoked", verifier.now())
+    unchecked = SQLiteChallengeStore(tmp_path / "verifier.db")
+    challenge = make_challenge(4007, device.device_id)
+
+    stored = unchecked.put(challenge)
+
+    assert not stored
+    assert unchecked.find(challenge.nonce) is None
+    unchecked.close()
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT OR REPLACE INTO devices (device_id, algorithm, public_key_pem, status, backend, "
+        "hardware_backed, enrolled_at) VALUES (?1, 'ES256', 'PEM', 'revoked', 'software', 0, 0)",
+        "UPDATE devices SET device_id = 'x' || device_id WHERE device_id = ?1",
+        "UPDATE devices SET status = 'revoked' WHERE device_id = ?1",
+        "DELETE FROM devices WHERE device_id = ?1",
+    ],
+    ids=["insert-or-replace", "new-device-id", "revoke", "delete"],
+)
+def test_device_change_purges_pending_challenges(
+    tmp_path: Path, shared_database: tuple[Verifier, SQLiteChallengeStore], statement: str
+) -> None:
+    verifier, store = shared_database
+    device = enroll(verifier)
+    pending = make_challenge(4008, device.device_id)
+    assert store.put(pending)
+
+    other = sqlite3.connect(tmp_path / "verifier.db", isolation_level=None)
+    other.execute(statement, (device.device_id,))
+    other.close()
+
+    assert store.find(pending.nonce) is None
 
 
 def test_status_check_without_registry_rejected(tmp_path: Path) -> None:

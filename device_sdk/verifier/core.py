@@ -410,8 +410,12 @@ class Verifier:
                 )
 
         # When a successful nonce consume proves the device active, the registry need not be
-        # read now, because a revocation this cache missed makes the consume fail.
-        record = self._active_record(device_id, unconfirmed=self.challenges.checks_device_status)
+        # read now, because a revocation this cache missed makes the consume fail. An assertion
+        # without a nonce spends only its jti, which proves nothing about the device.
+        proven_by_consume = (
+            self.challenges.checks_device_status and claims.get("nonce") is not None
+        )
+        record = self._active_record(device_id, unconfirmed=proven_by_consume)
         if algorithm != record.algorithm:
             raise VerificationError(
                 "algorithm_mismatch", f"alg {algorithm} but the device enrolled {record.algorithm}"

@@ -43,7 +43,9 @@ def connect_sqlite(path: str | Path) -> sqlite3.Connection:
     if str(mode).lower() != "wal" and str(path) != ":memory:":
         raise ConfigError(f"SQLite database {path}: cannot switch to WAL mode (got {mode})")
     connection.execute("PRAGMA synchronous = NORMAL")
-    connection.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_BYTES // PAGE_SIZE}")
+    # An existing database keeps its page size, so the checkpoint interval follows the real one.
+    page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+    connection.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_BYTES // page_size}")
     return connection
 
 

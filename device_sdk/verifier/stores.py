@@ -61,7 +61,8 @@ class ChallengeStore(Protocol):
     def put(self, challenge: Challenge) -> bool:
         """Store a newly issued challenge under its nonce, and return whether it was stored.
 
-        Only a store that checks device status rejects one, when the device is not active. If the
+        Only a store that checks device status rejects one, when the device is not active (and
+        the SQLite store on a database where any process checks device status). If the
         device then has more than the store's ``max_outstanding`` unconsumed challenges
         (:data:`MAX_OUTSTANDING_CHALLENGES` by default), the oldest ones are deleted.
         """
@@ -197,21 +198,25 @@ CREATE TABLE IF NOT EXISTS assertion_ids (
 """
 
 
-_INSERT = (
-    "INSERT INTO challenges (nonce, device_id, audience, server_time, expires_at) "
-    "VALUES (?1, ?2, ?3, ?4, ?5)"
-)
-_INSERT_IF_DEVICE_ACTIVE = (
-    "INSERT INTO challenges (nonce, device_id, audience, server_time, expires_at) "
-    "SELECT ?1, ?2, ?3, ?4, ?5 "
-    "WHERE EXISTS (SELECT 1 FROM devices WHERE device_id = ?2 AND status = 'active')"
-)
-# With put's conditional insert, these keep "an unconsumed challenge belongs to an active
-# device" true at every commit (see SQLiteChallengeStore). The DELETE makes it true for rows
-# written before the triggers existed, in the same transaction that creates them.
+# Keep "an unconsumed challenge belongs to an active device" true at every commit, whoever
+# writes: this code with or without check_device_status, an older release, or SQL by hand.
+# A challenge of a device that is not active is not inserted (RAISE(IGNORE) skips the row), and
+# a device that stops being active, changes its id or is deleted loses its pending challenges in
+# the same transaction. INSERT OR REPLACE of a device fires no delete trigger, so the insert
+# trigger covers it. The last DELETE clears rows written before the triggers existed.
 _DEVICE_STATUS_TRIGGERS = """
 BEGIN IMMEDIATE;
-CREATE TRIGGER IF NOT EXISTS challenges_purge_on_revoke AFTER UPDATE OF status ON devices
+CREATE TRIGGER IF NOT EXISTS challenges_insert_for_active_device BEFORE INSERT ON challenges
+WHEN NOT EXISTS (SELECT 1 FROM devices WHERE device_id = NEW.device_id AND status = 'active')
+BEGIN
+    SELECT RAISE(IGNORE);
+END;
+CREATE TRIGGER IF NOT EXISTS challenges_purge_on_device_update AFTER UPDATE ON devices
+WHEN NEW.status != 'active' OR NEW.device_id != OLD.device_id
+BEGIN
+    DELETE FROM challenges WHERE device_id = OLD.device_id AND consumed = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS challenges_purge_on_inactive_insert AFTER INSERT ON devices
 WHEN NEW.status != 'active'
 BEGIN
     DELETE FROM challenges WHERE device_id = NEW.device_id AND consumed = 0;
@@ -238,12 +243,13 @@ class SQLiteChallengeStore:
     ``path`` is the database file, or the ``connections`` of the :class:`SQLiteDeviceRegistry`
     on the same file, which lets the registry cache records (see its ``get``).
 
-    On such a shared database, ``check_device_status`` makes the database keep one invariant:
-    an unconsumed challenge belongs to an active device. ``put`` inserts only while the device
-    is active in the registry's ``devices`` table, in the same statement, and triggers delete a
-    device's unconsumed challenges in the very transaction that revokes or deletes it, whoever
-    commits it (this process, another verifier, the CLI). So a successful ``consume`` proves
-    the device active without reading the registry, whatever the verifier has cached.
+    On such a shared database, ``check_device_status`` installs triggers that make the database
+    itself keep one invariant: an unconsumed challenge belongs to an active device. A challenge
+    is inserted only while its device is active in the registry's ``devices`` table, and a
+    device's unconsumed challenges are deleted in the very transaction that revokes or deletes
+    it. The triggers bind every writer of the file, in any process: this class with or without
+    the check, an older release, the CLI, SQL by hand. So a successful ``consume`` proves the
+    device active without reading the registry, whatever the verifier has cached.
     """
 
     def __init__(
@@ -259,7 +265,6 @@ class SQLiteChallengeStore:
         self._connections = open_connections(path, _CHALLENGE_SCHEMA)
         self._puts = 0
         self.checks_device_status = check_device_status
-        self._insert_sql = _INSERT
         if check_device_status:
             connection = self._connections.get()
             devices_table = connection.execute(
@@ -270,8 +275,12 @@ class SQLiteChallengeStore:
                     f"{self._connections.path} has no devices table to check device status "
                     "in; open the SQLiteDeviceRegistry first and pass its connections"
                 )
-            connection.executescript(_DEVICE_STATUS_TRIGGERS)
-            self._insert_sql = _INSERT_IF_DEVICE_ACTIVE
+            try:
+                connection.executescript(_DEVICE_STATUS_TRIGGERS)
+            except sqlite3.Error:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
 
     @property
     def connections(self) -> ThreadConnections:
@@ -280,8 +289,11 @@ class SQLiteChallengeStore:
 
     def put(self, challenge: Challenge) -> bool:
         connection = self._connections.get()
+        # The triggers of check_device_status, if any process installed them, skip the row of
+        # a device that is not active.
         cursor = connection.execute(
-            self._insert_sql,
+            "INSERT INTO challenges (nonce, device_id, audience, server_time, expires_at) "
+            "VALUES (?, ?, ?, ?, ?)",
             (
                 challenge.nonce,
                 challenge.device_id,
