@@ -11,7 +11,7 @@ from concurrent.futures import Future
 import paho.mqtt.client as mqtt
 import pytest
 from fixtures_services import HOST, free_port
-from fixtures_verifier import PLAIN_BROKER, Device, enroll
+from fixtures_verifier import NONCELESS_BROKER, PLAIN_BROKER, Device, enroll
 
 from device_sdk.auth import Challenge, build_assertion
 from device_sdk.verifier import Verifier
@@ -25,19 +25,19 @@ AUDIT_LOGGER = "device_sdk.verifier.audit"
 class EmbeddedBroker:
     """An amqtt broker running on its own event loop in a background thread."""
 
-    def __init__(self, verifier: Verifier) -> None:
+    def __init__(self, verifier: Verifier, audience: str | None = None) -> None:
         from amqtt.broker import Broker
 
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.broker = self.run(self._create(Broker, verifier))
+        self.broker = self.run(self._create(Broker, verifier, audience))
         self.run(self.broker.start())
 
-    async def _create(self, broker_class: type, verifier: Verifier) -> object:
+    async def _create(self, broker_class: type, verifier: Verifier, audience: str | None) -> object:
         # amqtt binds the broker to the running loop, so it is created on that loop.
-        return broker_class(broker_config(verifier, host=HOST, port=self.port))
+        return broker_class(broker_config(verifier, host=HOST, port=self.port, audience=audience))
 
     def run(self, coroutine: object) -> object:
         future: Future[object] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)  # type: ignore[arg-type]
@@ -107,6 +107,22 @@ def test_replayed_password_refused(
     assert code == NOT_AUTHORIZED
     lines = [r.getMessage() for r in caplog.records if r.name == AUDIT_LOGGER]
     assert any("reason=replayed" in line and "client=127.0.0.1" in line for line in lines)
+
+
+def test_broker_with_audience_refuses_other_broker_password(
+    verifier: Verifier, device: Device, caplog: pytest.LogCaptureFixture
+) -> None:
+    # This broker is the verifier's NONCELESS_BROKER; the password was minted for PLAIN_BROKER.
+    broker = EmbeddedBroker(verifier, audience=NONCELESS_BROKER)
+    try:
+        with caplog.at_level(logging.INFO, logger=AUDIT_LOGGER):
+            code = connect(broker.port, device.device_id, password_for(verifier, device))
+    finally:
+        broker.stop()
+
+    assert code == NOT_AUTHORIZED
+    lines = [r.getMessage() for r in caplog.records if r.name == AUDIT_LOGGER]
+    assert any("reason=wrong_audience" in line for line in lines)
 
 
 def test_username_must_match_device(

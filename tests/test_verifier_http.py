@@ -235,6 +235,34 @@ def mqtt_password(server: HTTPServer, device: EnrolledDevice, broker_url: str) -
     return build_assertion(device.key, challenge, channel_binding=None)
 
 
+def test_webhooks_of_named_brokers(
+    uvicorn_factory: UvicornFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = "mqtt://127.0.0.1:1883", "mqtt://127.0.0.1:1884"
+    db = tmp_path / "verifier.db"
+    server = serve_verifier(
+        uvicorn_factory, db, "--broker-audience", first, "--broker-audience", second
+    )
+    device = enroll_over_http(server, create_enrollment_token(db, capsys))
+    form = {"username": device.device_id, "password": mqtt_password(server, device, first)}
+
+    at_second = httpx.post(
+        server.url + "/v1/brokers/127.0.0.1:1884/auth/rabbitmq/user", data=form, timeout=10
+    )
+    at_first = httpx.post(
+        server.url + "/v1/brokers/127.0.0.1:1883/auth/rabbitmq/user", data=form, timeout=10
+    )
+
+    assert at_second.text == "deny"
+    assert at_first.text == "allow"
+    log = server.process.log_path.read_text()
+    assert (
+        f"webhooks of broker {first}: {server.url}/v1/brokers/127.0.0.1:1883/auth/rabbitmq "
+        "and .../auth/emqx"
+    ) in log
+    assert "warning: /v1/broker/auth/ accepts a password minted for any of these brokers" in log
+
+
 def test_webhooks_over_http(
     uvicorn_factory: UvicornFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -46,7 +46,9 @@ async def _serve(args: argparse.Namespace) -> None:
         broker_audiences={args.audience: broker_bindings},
     )
     verifier = Verifier.open(args.db, config)
-    broker_settings = broker_config(verifier, host="127.0.0.1", port=args.port)
+    broker_settings = broker_config(
+        verifier, host="127.0.0.1", port=args.port, audience=args.audience
+    )
     if args.tls_cert:
         broker_settings["listeners"]["default"].update(
             {"ssl": True, "certfile": args.tls_cert, "keyfile": args.tls_key}

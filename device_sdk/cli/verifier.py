@@ -341,6 +341,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from device_sdk.verifier.app import create_app
+    from device_sdk.verifier.config import broker_name
     from device_sdk.verifier.core import Verifier
 
     config = build_config(args)
@@ -368,6 +369,18 @@ def run_serve(args: argparse.Namespace) -> int:
         f"{_attestation_mode(config)})",
         file=sys.stderr,
     )
+    for url in config.broker_audiences:
+        print(
+            f"device-sdk verifier: webhooks of broker {url}: "
+            f"{_listen_url(args)}/v1/brokers/{broker_name(url)}/auth/rabbitmq and .../auth/emqx",
+            file=sys.stderr,
+        )
+    if len(config.broker_audiences) > 1:
+        print(
+            "device-sdk verifier: warning: /v1/broker/auth/ accepts a password minted for any "
+            "of these brokers; point each broker at its own /v1/brokers/<host:port>/auth/ path",
+            file=sys.stderr,
+        )
     try:
         uvicorn.run(
             app,

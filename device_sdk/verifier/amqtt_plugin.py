@@ -35,9 +35,14 @@ class VerifierAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
 
     @dataclass
     class Config:
-        """Plugin settings: ``verifier`` is the :class:`Verifier` that checks the assertions."""
+        """Plugin settings: ``verifier`` is the :class:`Verifier` that checks the assertions.
+
+        ``audience``, when set, is this broker's URL, and every password must carry it as
+        ``aud``. Without it, any broker audience of the verifier is accepted.
+        """
 
         verifier: Any = None
+        audience: str | None = None
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
@@ -48,6 +53,7 @@ class VerifierAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
                 f"{type(verifier).__name__}; build the broker config with broker_config()"
             )
         self.verifier: Verifier = verifier
+        self.audience: str | None = getattr(self.config, "audience", None)
 
     async def authenticate(self, *, session: Any) -> bool:
         """Return True for a valid, unspent assertion from the device named as username."""
@@ -75,6 +81,7 @@ class VerifierAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
                 audience_kind="mqtt",
                 client_address=address,
                 expected_device_id=username,
+                expected_audience=self.audience,
             )
         except VerificationError:
             # verify_assertion has already written the audit line with the reason.
@@ -83,12 +90,19 @@ class VerifierAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
 
 
 def broker_config(
-    verifier: Verifier, *, host: str = "127.0.0.1", port: int = 1883
+    verifier: Verifier,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 1883,
+    audience: str | None = None,
 ) -> dict[str, Any]:
-    """Return an amqtt broker config with one TCP listener and only this plugin for logins."""
+    """Return an amqtt broker config with one TCP listener and only this plugin for logins.
+
+    ``audience`` is this broker's URL, which every password's ``aud`` must then equal.
+    """
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
         "plugins": {
-            PLUGIN_PATH: {"verifier": verifier},
+            PLUGIN_PATH: {"verifier": verifier, "audience": audience},
         },
     }

@@ -33,6 +33,7 @@ from starlette.requests import ClientDisconnect
 from device_sdk.auth.encoding import loads_json_object
 from device_sdk.errors import ProtocolError, VerificationError
 from device_sdk.verifier.audit import log_decision
+from device_sdk.verifier.config import broker_name
 from device_sdk.verifier.core import Verifier
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ MAX_FORM_FIELDS = 32
 
 RABBITMQ_PREFIX = "/v1/broker/auth/rabbitmq"
 EMQX_PATH = "/v1/broker/auth/emqx"
+# The same webhooks for one broker, named by the host and port of its audience URL
+# (config.broker_name): a login there must carry exactly that broker's aud.
+BROKER_RABBITMQ_PREFIX = "/v1/brokers/{broker}/auth/rabbitmq"
+BROKER_EMQX_PATH = "/v1/brokers/{broker}/auth/emqx"
 
 UNAUTHORIZED = {"error": "unauthorized"}
 RATE_LIMITED = {"error": "rate_limited"}
@@ -383,8 +388,10 @@ def register_broker_webhooks(
     """Add the RabbitMQ and EMQX HTTP auth endpoints, which check broker logins with ``verifier``.
 
     The CONNECT username is the device id and the password a fresh assertion whose ``aud`` is one
-    of the verifier's broker audiences. After the login, RabbitMQ checks the virtual host,
-    resources and topics, which are allowed for any active device.
+    of the verifier's broker audiences. Under ``/v1/brokers/<host:port>/auth/`` the ``aud`` must be
+    that broker's, so that one broker cannot replay a password it received at another. After
+    the login, RabbitMQ checks the virtual host, resources and topics, which are allowed for any
+    active device.
 
     NOTE: the webhooks take no credentials of their own, so anyone who can reach them can learn
     whether a device id is active. Expose them only to the broker (loopback or a private network).
@@ -393,8 +400,28 @@ def register_broker_webhooks(
     def allow(allowed: bool) -> PlainTextResponse:
         return PlainTextResponse("allow" if allowed else "deny")
 
+    def named_broker(request: Request) -> str | None:
+        """Return the audience a /v1/brokers/<name>/ path names, or None on the other paths."""
+        name = request.path_params.get("broker")
+        if name is None:
+            return None
+        audience = verifier.config.broker_audience_named(name)
+        if audience is None:
+            raise RequestRejected(
+                404,
+                "unknown_broker",
+                f"no broker audience has the host and port {name[:100]!r}; use one of "
+                f"{sorted(broker_name(url) for url in verifier.config.broker_audiences)}",
+            )
+        return audience
+
     async def check_login(
-        username: str, password: str, address: str | None, *, limit_address: bool
+        request: Request,
+        username: str,
+        password: str,
+        address: str | None,
+        *,
+        limit_address: bool,
     ) -> bool:
         try:
             await call(
@@ -404,6 +431,7 @@ def register_broker_webhooks(
                 client_address=address,
                 expected_device_id=username,
                 limit_address=limit_address,
+                expected_audience=named_broker(request),
             )
         except VerificationError:
             # Verifier.verify_assertion has already written the audit line with the reason.
@@ -420,19 +448,21 @@ def register_broker_webhooks(
             return False
         return True
 
-    @app.post(RABBITMQ_PREFIX + "/user")
     async def rabbitmq_user(request: Request) -> Response:
+        named_broker(request)
         form = await read_form(request)
         username = require_string(form, "username")
         password = require_string(form, "password")
         # RabbitMQ's user check carries no client address, so the peer here is the broker,
         # whose failure budget all its devices would share: no per-address limit then.
         return allow(
-            await check_login(username, password, client_address(request), limit_address=False)
+            await check_login(
+                request, username, password, client_address(request), limit_address=False
+            )
         )
 
-    @app.post(RABBITMQ_PREFIX + "/vhost")
     async def rabbitmq_vhost_check(request: Request) -> Response:
+        named_broker(request)
         form = await read_form(request)
         username = require_string(form, "username")
         vhost = require_string(form, "vhost")
@@ -449,8 +479,8 @@ def register_broker_webhooks(
             return allow(False)
         return allow(await device_is_active(username, "broker_vhost", address))
 
-    @app.post(RABBITMQ_PREFIX + "/resource")
     async def rabbitmq_resource(request: Request) -> Response:
+        named_broker(request)
         form = await read_form(request)
         username = require_string(form, "username")
         vhost = require_string(form, "vhost")
@@ -478,8 +508,8 @@ def register_broker_webhooks(
             return allow(False)
         return allow(await device_is_active(username, "broker_resource", address))
 
-    @app.post(RABBITMQ_PREFIX + "/topic")
     async def rabbitmq_topic(request: Request) -> Response:
+        named_broker(request)
         form = await read_form(request)
         username = require_string(form, "username")
         vhost = require_string(form, "vhost")
@@ -501,8 +531,8 @@ def register_broker_webhooks(
             return allow(False)
         return allow(await device_is_active(username, "broker_topic", address))
 
-    @app.post(EMQX_PATH)
     async def emqx(request: Request) -> Response:
+        named_broker(request)
         # EMQX sends JSON by default and a form when its authenticator is set up that way.
         body: Mapping[str, Any]
         if _media_type(request) == FORM_TYPE:
@@ -518,10 +548,22 @@ def register_broker_webhooks(
         peer = body.get("peerhost")
         from_trusted_broker = caller in trusted_brokers
         if isinstance(peer, str) and peer and from_trusted_broker:
-            allowed = await check_login(username, password, peer, limit_address=True)
+            allowed = await check_login(request, username, password, peer, limit_address=True)
         else:
-            allowed = await check_login(username, password, caller, limit_address=False)
+            allowed = await check_login(request, username, password, caller, limit_address=False)
         answer: dict[str, Any] = {"result": "allow" if allowed else "deny"}
         if allowed:
             answer["is_superuser"] = False
         return JSONResponse(answer)
+
+    rabbitmq_checks = {
+        "/user": rabbitmq_user,
+        "/vhost": rabbitmq_vhost_check,
+        "/resource": rabbitmq_resource,
+        "/topic": rabbitmq_topic,
+    }
+    for prefix in (RABBITMQ_PREFIX, BROKER_RABBITMQ_PREFIX):
+        for suffix, endpoint in rabbitmq_checks.items():
+            app.add_api_route(prefix + suffix, endpoint, methods=["POST"])
+    for path in (EMQX_PATH, BROKER_EMQX_PATH):
+        app.add_api_route(path, emqx, methods=["POST"])

@@ -74,6 +74,14 @@ def _check_audience_url(url: str, what: str) -> None:
         raise ConfigError(f"{what} {url!r} is not an absolute URL such as https://host:port")
 
 
+def broker_name(url: str) -> str:
+    """Return the name of a broker audience in webhook paths: its host and port, lower case.
+
+    ``mqtts://Broker.example.com:8883`` is ``broker.example.com:8883``.
+    """
+    return urlsplit(url).netloc.lower()
+
+
 def _check_bindings(url: str, bindings: frozenset[bytes], what: str) -> None:
     if is_tls_audience(url) and not bindings:
         raise ConfigError(
@@ -132,6 +140,15 @@ class VerifierConfig:
             _check_bindings(url, bindings, "broker audience")
         if self.issuer in self.broker_audiences:
             raise ConfigError(f"{self.issuer} is both the issuer and a broker audience")
+        names: dict[str, str] = {}
+        for url in self.broker_audiences:
+            other = names.setdefault(broker_name(url), url)
+            if other != url:
+                raise ConfigError(
+                    f"broker audiences {other} and {url} share the host and port "
+                    f"{broker_name(url)}, which names a broker in webhook paths; give each "
+                    "broker its own host and port"
+                )
 
         unknown = self.nonceless_audiences - set(self.broker_audiences)
         if unknown:
@@ -179,6 +196,13 @@ class VerifierConfig:
         if audience == self.issuer:
             return self.http_channel_bindings
         return self.broker_audiences.get(audience)
+
+    def broker_audience_named(self, name: str) -> str | None:
+        """Return the broker audience whose :func:`broker_name` is ``name``, or None."""
+        for url in self.broker_audiences:
+            if broker_name(url) == name:
+                return url
+        return None
 
     @property
     def audiences(self) -> Iterable[str]:

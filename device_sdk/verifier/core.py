@@ -199,8 +199,8 @@ class Verifier:
             challenges = RedisChallengeStore.from_url(redis_url)
         else:
             # One connection per thread for both stores, so the registry's record cache is
-            # invalidated by other processes' commits only, not by this one's nonce consumes,
-            # and the nonce consume can check the device's status in the same statement.
+            # invalidated by other processes' commits only, not by this one's nonce consumes.
+            # check_device_status lets a successful nonce consume prove the device active.
             challenges = SQLiteChallengeStore(registry.connections, check_device_status=True)
         if signing_key_path is None:
             signing_key_path = db_path.with_name(db_path.stem + "-signing-key.pem")
@@ -321,12 +321,14 @@ class Verifier:
         expected_htm: str = "POST",
         expected_htu: str | None = None,
         limit_address: bool = True,
+        expected_audience: str | None = None,
     ) -> VerifiedAssertion:
         """Check an assertion completely and spend its nonce.
 
         ``audience_kind`` ``http`` expects ``aud`` = the issuer and ``htm``/``htu`` of the token
         request (``expected_htu`` defaults to the configured token URL); ``mqtt`` expects one of
-        the broker audiences. ``expected_device_id`` is the MQTT username, when there is one.
+        the broker audiences, or exactly ``expected_audience`` when the caller knows which
+        broker checks the login. ``expected_device_id`` is the MQTT username, when there is one.
         A failure whose signature verified is charged to the device's failure budget, any other
         to ``client_address``'s, unless ``limit_address`` is False (when the address is a
         broker's, not the device's). Raises :class:`VerificationError` with the reason code; the
@@ -349,6 +351,7 @@ class Verifier:
                 expected_device_id,
                 expected_htm,
                 expected_htu or self._token_url,
+                expected_audience,
                 context,
             )
         except VerificationError as exc:
@@ -390,6 +393,7 @@ class Verifier:
         expected_device_id: str | None,
         expected_htm: str,
         expected_htu: str,
+        expected_audience: str | None,
         context: dict[str, Any],
     ) -> VerifiedAssertion:
         jws = parse_compact_jws(token, self.config.max_assertion_bytes)
@@ -426,7 +430,7 @@ class Verifier:
         context["signed"] = True
 
         audience = claims["aud"]
-        self._check_audience(audience, audience_kind)
+        self._check_audience(audience, audience_kind, expected_audience)
         now = self.now()
         self._check_times(claims["iat"], claims["exp"], now)
         self._check_channel_binding(audience, claims.get("cb"))
@@ -485,15 +489,20 @@ class Verifier:
             raise VerificationError("malformed", "kid is not a device id")
         return algorithm, device_id
 
-    def _check_audience(self, audience: str, audience_kind: AudienceKind) -> None:
+    def _check_audience(
+        self, audience: str, audience_kind: AudienceKind, expected_audience: str | None
+    ) -> None:
         if audience_kind == "http":
             if audience != self.config.issuer:
                 raise VerificationError("wrong_audience", "aud is not this verifier's issuer")
         elif audience not in self.config.broker_audiences:
             raise VerificationError("wrong_audience", "aud is not a configured broker")
-        # NOTE: a broker login accepts any configured broker audience, whichever broker's webhook
-        # calls, so a password minted for broker A also logs in at broker B of the same verifier.
-        # Closing this needs a mapping from each webhook caller to its broker URL.
+        elif expected_audience is not None and audience != expected_audience:
+            # A password minted for one broker must not log in at another, even if the first
+            # broker, having seen it, replays it there.
+            raise VerificationError(
+                "wrong_audience", "aud is another broker than the one checking the login"
+            )
 
     def _check_times(self, issued_at: int, expires_at: int, now: int) -> None:
         leeway = self.config.leeway
