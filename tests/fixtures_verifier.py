@@ -204,6 +204,38 @@ def open_registry(
 
 
 @pytest.fixture
+def open_verifier(
+    registry_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Callable[..., Verifier]:
+    """Return ``open_verifier(config, **options)``: :meth:`Verifier.open` on the test's registry.
+
+    SQLite keeps challenges in its database file. PostgreSQL keeps them in Redis (emptied
+    before the test) and the signing key in ``tmp_path``, as ``Verifier.open`` requires.
+    """
+    if registry_kind == "postgres":
+        url: str = request.getfixturevalue("postgres_database")
+        request.getfixturevalue("redis_client")
+        redis_url: str = request.getfixturevalue("redis_server").url
+
+        def open_postgres(config: VerifierConfig, **options: Any) -> Verifier:
+            return Verifier.open(
+                None,
+                config,
+                registry_url=url,
+                redis_url=redis_url,
+                signing_key_path=tmp_path / "signing-key.pem",
+                **options,
+            )
+
+        return open_postgres
+
+    def open_sqlite(config: VerifierConfig, **options: Any) -> Verifier:
+        return Verifier.open(tmp_path / "verifier.db", config, **options)
+
+    return open_sqlite
+
+
+@pytest.fixture
 def verifier(
     tmp_path: Path, clock: ManualClock, open_registry: Callable[[], DeviceRegistry]
 ) -> Iterator[Verifier]:
