@@ -255,7 +255,7 @@ def test_enrollment_token_stored_as_hash_postgres(
     assert rows == [(hash_enrollment_token(token), int(clock.now), None, None)]
 
 
-def test_open_twice_at_once_creates_schema(postgres_database: str) -> None:
+def test_concurrent_opens_create_schema(postgres_database: str) -> None:
     errors: list[BaseException] = []
     registries: list[PostgresDeviceRegistry] = []
     barrier = threading.Barrier(6)
@@ -488,6 +488,43 @@ def test_restart_during_transaction_reconnects() -> None:
 
     assert created is True
     assert stored == device_record("d" * 43)
+
+
+def test_app_responds_503_while_registry_down(
+    redis_server: RedisServer, redis_client: object, tmp_path: Path
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from device_sdk.verifier.app import create_app
+
+    with running_postgres() as server:
+        verifier = Verifier.open(
+            None,
+            verifier_config(),
+            registry_url=server.url,
+            redis_url=redis_server.url,
+            signing_key_path=tmp_path / "signing-key.pem",
+        )
+        device = enroll(verifier)
+        body = {"device_id": device.device_id, "audience": ISSUER}
+        with TestClient(create_app(verifier)) as client:
+            before = client.post("/v1/challenges", json=body)
+            server.process.stop()
+            during = client.post("/v1/challenges", json=body)
+            server.process.start()
+            server.wait_ready()
+            # Only the thread that served "before" had a connection, which the stop broke. If
+            # the pool ran "during" on another thread, the first one fails once more later.
+            after = [client.post("/v1/challenges", json=body).status_code for _ in range(20)]
+        verifier.close()
+
+    assert before.status_code == 200
+    assert during.status_code == 503
+    assert during.headers["retry-after"] == "1"
+    assert during.json() == {"error": "unavailable"}
+    assert after.count(503) <= 1
+    assert after[-1] == 200
+    assert after.count(200) + after.count(503) == 20
 
 
 # Configuration and the CLI

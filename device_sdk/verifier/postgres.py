@@ -31,9 +31,10 @@ CONNECT_TIMEOUT_S = 10
 """Seconds to wait for a connection to the PostgreSQL server before failing."""
 
 # Key of the transaction-level advisory lock held while the schema is created, so that
-# processes opening the same database at once do not both try to create a table. Two
-# concurrent CREATE TABLE IF NOT EXISTS of one name can otherwise fail with a unique violation
-# on pg_type. The value is arbitrary but fixed (the ASCII bytes of "devsdkrg").
+# processes opening the same database at once do not both try to create a table. Without it,
+# concurrent CREATE TABLE IF NOT EXISTS of one name failed with a unique violation on
+# pg_type_typname_nsp_index (PostgreSQL 15). The value is arbitrary but fixed: the ASCII
+# bytes of "devsdkrg".
 _SCHEMA_LOCK_KEY = 0x6465_7673_646B_7267
 
 _REGISTRY_SCHEMA = (
