@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -206,8 +207,7 @@ def test_registry_list_order(registry: DeviceRegistry) -> None:
         record = device_record(device_id)
         # "a" enrolled last; "B" and "b" in the same second, so they sort bytewise.
         enrolled_at = NOW + 10 if device_id == "a" * 43 else NOW
-        registry.enroll(f"t{number}", DeviceRecord(**{**record.to_json(),
-                                                        "enrolled_at": enrolled_at}), NOW)
+        registry.enroll(f"t{number}", replace(record, enrolled_at=enrolled_at), NOW)
 
     assert [record.device_id for record in registry.list_devices()] == [
         "B" * 43, "b" * 43, "a" * 43,
@@ -639,9 +639,9 @@ def test_open_postgres_needs_redis_and_key(options: dict[str, object], message: 
 
 
 def test_open_needs_exactly_one_registry(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="not both and not neither"):
+    with pytest.raises(ConfigError, match="needs exactly one device registry"):
         Verifier.open(None, verifier_config())
-    with pytest.raises(ConfigError, match="not both and not neither"):
+    with pytest.raises(ConfigError, match="needs exactly one device registry"):
         Verifier.open(tmp_path / "v.db", verifier_config(), registry_url="postgresql://u@h/d")
 
 
@@ -703,7 +703,7 @@ def test_cli_serve_postgres_over_http(
     listed = json.loads(cli_output(
         ["verifier", "devices", "list", "--postgres", postgres_database, "--json"], capsys
     ))
-    shown = json.loads(cli_output(
+    shown_record = json.loads(cli_output(
         ["verifier", "devices", "show", "--postgres", postgres_database, device_id_of(key),
          "--json"], capsys,
     ))
@@ -728,8 +728,8 @@ def test_cli_serve_postgres_over_http(
     assert whoami.status_code == 200, whoami.text
     assert whoami.json()["device_id"] == device_id_of(key)
     assert [record["device_id"] for record in listed] == [device_id_of(key)]
-    assert shown["status"] == "active"
-    assert shown["device_id"] == device_id_of(key)
+    assert shown_record["status"] == "active"
+    assert shown_record["device_id"] == device_id_of(key)
     assert revoked.startswith(f"revoked {device_id_of(key)} at ")
     assert after_revoke.status_code == 401
     assert whoami_after.status_code == 401

@@ -210,8 +210,8 @@ class Verifier:
         """
         if (db_path is None) == (registry_url is None):
             raise ConfigError(
-                "the verifier needs one device registry: a SQLite database path or a "
-                "PostgreSQL registry URL, not both and not neither"
+                "Verifier.open needs exactly one device registry: a SQLite database path or a "
+                "PostgreSQL registry URL"
             )
         if registry_url is not None:
             _check_postgres_settings(redis_url, signing_key_path)
