@@ -26,6 +26,7 @@ failed, on which value, and what to do next; they never contain a PIN, token or 
     │   └── SerialLinkError          the serial secure element link failed
     │       ├── SerialTimeoutError       no complete reply before the deadline
     │       └── SerialDeviceError        the firmware answered with an error status
+    ├── StoreError                   a verifier database failed or is unreachable
     ├── ProtocolError                a challenge, assertion or token is malformed or unusable
     │   └── VerificationError        the verifier rejected an assertion; ``reason`` says why
     ├── TransportError               an HTTP or MQTT exchange failed
@@ -205,6 +206,10 @@ class SerialDeviceError(SerialLinkError):
         self.status_name = status_name
         self.detail = detail
         super().__init__(message)
+
+
+class StoreError(DeviceSDKError):
+    """A verifier database failed or cannot be reached; the message names the server."""
 
 
 class ProtocolError(DeviceSDKError):

@@ -11,7 +11,8 @@ Fixtures:
 - ``mosquitto`` (function): a :class:`Mosquitto` broker that can be reconfigured and restarted
 - ``rabbitmq_factory`` (session): ``rabbitmq_factory(auth_base_url)`` returns a running
   :class:`RabbitMQ` whose MQTT logins go to the HTTP auth backend at that URL
-- ``postgres_server`` (session): a :class:`Postgres` cluster with trust authentication
+- ``postgres_server`` (session): a :class:`Postgres` cluster with trust authentication, and
+  ``postgres_database`` (function): the URL of a new database on it for one test
 - ``test_pki`` (session): a :class:`TestPKI` with a CA, a server certificate for
   127.0.0.1/localhost and a second, different certificate from the same CA
 - ``uvicorn_factory`` (function): starts an ASGI app or any HTTP server command and waits for it
@@ -24,6 +25,7 @@ import datetime
 import os
 import pwd
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -637,6 +639,7 @@ class Postgres:
     directory: Path
     user: str
     process: ServerProcess
+    bin_dir: Path
 
     @property
     def dsn(self) -> str:
@@ -646,15 +649,37 @@ class Postgres:
     def url(self) -> str:
         return f"postgresql://{self.user}@{HOST}:{self.port}/postgres"
 
+    def database_url(self, name: str) -> str:
+        return f"postgresql://{self.user}@{HOST}:{self.port}/{name}"
+
+    def wait_ready(self) -> None:
+        pg_isready = str(self.bin_dir / "pg_isready")
+        wait_until(
+            lambda: subprocess.run(
+                [pg_isready, "-h", HOST, "-p", str(self.port), "-U", self.user, "-q"],
+                timeout=10,
+                check=False,
+            ).returncode == 0,
+            timeout=START_TIMEOUT,
+            what=f"postgres on port {self.port}",
+            process=self.process,
+        )
+
+    def restart(self) -> None:
+        """Stop the server (a fast shutdown, which drops every client) and start it again."""
+        self.process.stop()
+        self.process.start()
+        self.wait_ready()
+
 
 def _postgres_bin_dir() -> Path | None:
     candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
     return candidates[0].parent if candidates else None
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[Postgres]:
-    """A PostgreSQL cluster in a temporary directory with trust authentication on loopback.
+@contextlib.contextmanager
+def running_postgres() -> Iterator[Postgres]:
+    """Run a PostgreSQL cluster in a temporary directory with trust authentication on loopback.
 
     ``initdb`` and ``postgres`` refuse to run as root, so as root they run as the ``postgres``
     user. The server runs in the foreground (not through ``pg_ctl``) so the fixture owns its PID.
@@ -693,21 +718,33 @@ def postgres_server() -> Iterator[Postgres]:
         give_to_user(directory / "postgres.log", run_as, 0o644)
     process.start()
     try:
-        pg_isready = str(bin_dir / "pg_isready")
-        wait_until(
-            lambda: subprocess.run(
-                [pg_isready, "-h", HOST, "-p", str(port), "-U", db_user, "-q"],
-                timeout=10,
-                check=False,
-            ).returncode == 0,
-            timeout=START_TIMEOUT,
-            what=f"postgres on port {port}",
-            process=process,
-        )
-        yield Postgres(port, directory, db_user, process)
+        server = Postgres(port, directory, db_user, process, bin_dir)
+        server.wait_ready()
+        yield server
     finally:
         process.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Postgres]:
+    """A PostgreSQL cluster for the whole session; see :func:`running_postgres`."""
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_database(postgres_server: Postgres) -> Iterator[str]:
+    """The URL of a new, empty database on ``postgres_server``, dropped when the test ends."""
+    import psycopg
+
+    name = f"test_{secrets.token_hex(8)}"
+    with psycopg.connect(postgres_server.dsn, autocommit=True, connect_timeout=10) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    yield postgres_server.database_url(name)
+    with psycopg.connect(postgres_server.dsn, autocommit=True, connect_timeout=10) as admin:
+        # FORCE ends the connections that a failed test left open.
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 # ---------------------------------------------------------------------------------------------

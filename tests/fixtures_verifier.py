@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from device_sdk.auth import (
 )
 from device_sdk.auth.assertion import PrivateKey
 from device_sdk.verifier import (
+    DeviceRegistry,
     MemoryChallengeStore,
     SQLiteDeviceRegistry,
     Verifier,
@@ -121,11 +122,20 @@ def verifier_config(**overrides: Any) -> VerifierConfig:
     return VerifierConfig(**settings)
 
 
-def make_verifier(tmp_path: Path, clock: ManualClock, **overrides: Any) -> Verifier:
-    """Return a verifier with a SQLite registry in ``tmp_path`` and an in-memory challenge store."""
+def make_verifier(
+    tmp_path: Path,
+    clock: ManualClock,
+    *,
+    registry: DeviceRegistry | None = None,
+    **overrides: Any,
+) -> Verifier:
+    """Return a verifier with an in-memory challenge store and ``registry``.
+
+    The registry defaults to a SQLite one in ``tmp_path``.
+    """
     return Verifier(
         verifier_config(**overrides),
-        registry=SQLiteDeviceRegistry(tmp_path / "registry.db"),
+        registry=registry or SQLiteDeviceRegistry(tmp_path / "registry.db"),
         challenges=MemoryChallengeStore(clock),
         clock=clock,
     )
@@ -162,9 +172,74 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
+REGISTRY_KINDS = ("sqlite", "postgres")
+
+
 @pytest.fixture
-def verifier(tmp_path: Path, clock: ManualClock) -> Iterator[Verifier]:
-    instance = make_verifier(tmp_path, clock)
+def registry_kind() -> str:
+    """The registry of the ``verifier`` fixture.
+
+    A test module runs its tests on every registry by overriding this fixture with
+    ``params=REGISTRY_KINDS``.
+    """
+    return "sqlite"
+
+
+@pytest.fixture
+def open_registry(
+    registry_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Callable[[], DeviceRegistry]:
+    """Return a function that opens another registry on the test's one database.
+
+    The PostgreSQL database is new for each test, so tests do not see each other's rows.
+    """
+    if registry_kind == "postgres":
+        from device_sdk.verifier.postgres import PostgresDeviceRegistry
+
+        url: str = request.getfixturevalue("postgres_database")
+        return lambda: PostgresDeviceRegistry(url)
+    if registry_kind == "sqlite":
+        return lambda: SQLiteDeviceRegistry(tmp_path / "registry.db")
+    raise ValueError(f"unknown registry kind {registry_kind!r}")
+
+
+@pytest.fixture
+def open_verifier(
+    registry_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Callable[..., Verifier]:
+    """Return ``open_verifier(config, **options)``: :meth:`Verifier.open` on the test's registry.
+
+    SQLite keeps challenges in its database file. PostgreSQL keeps them in Redis (emptied
+    before the test) and the signing key in ``tmp_path``, as ``Verifier.open`` requires.
+    """
+    if registry_kind == "postgres":
+        url: str = request.getfixturevalue("postgres_database")
+        request.getfixturevalue("redis_client")
+        redis_url: str = request.getfixturevalue("redis_server").url
+
+        def open_postgres(config: VerifierConfig, **options: Any) -> Verifier:
+            return Verifier.open(
+                None,
+                config,
+                registry_url=url,
+                redis_url=redis_url,
+                signing_key_path=tmp_path / "signing-key.pem",
+                **options,
+            )
+
+        return open_postgres
+
+    def open_sqlite(config: VerifierConfig, **options: Any) -> Verifier:
+        return Verifier.open(tmp_path / "verifier.db", config, **options)
+
+    return open_sqlite
+
+
+@pytest.fixture
+def verifier(
+    tmp_path: Path, clock: ManualClock, open_registry: Callable[[], DeviceRegistry]
+) -> Iterator[Verifier]:
+    instance = make_verifier(tmp_path, clock, registry=open_registry())
     yield instance
     instance.close()
 

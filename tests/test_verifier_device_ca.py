@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fastapi.testclient import TestClient
-from fixtures_verifier import make_csr, make_key, verifier_config
+from fixtures_verifier import REGISTRY_KINDS, make_csr, make_key, verifier_config
 
 from device_sdk.auth import device_id_of
 from device_sdk.cli.main import build_parser
@@ -64,12 +64,19 @@ def ca_files(tmp_path: Path) -> tuple[Path, Path]:
     return write_ca(tmp_path)
 
 
+@pytest.fixture(params=REGISTRY_KINDS)
+def registry_kind(request: pytest.FixtureRequest) -> str:
+    """Run the tests that open a verifier through ``open_verifier`` on SQLite and PostgreSQL."""
+    kind: str = request.param
+    return kind
+
+
 @pytest.fixture
-def ca_verifier(tmp_path: Path, ca_files: tuple[Path, Path]) -> Iterator[Verifier]:
+def ca_verifier(
+    open_verifier: Callable[..., Verifier], ca_files: tuple[Path, Path]
+) -> Iterator[Verifier]:
     config = verifier_config(device_certificate_lifetime=LIFETIME)
-    verifier = Verifier.open(
-        tmp_path / "verifier.db", config, device_ca_cert=ca_files[0], device_ca_key=ca_files[1]
-    )
+    verifier = open_verifier(config, device_ca_cert=ca_files[0], device_ca_key=ca_files[1])
     yield verifier
     verifier.close()
 
@@ -239,19 +246,19 @@ def test_ek_ca_without_root_rejected(tmp_path: Path) -> None:
 
 
 def test_revoked_device_gets_no_certificate_with_its_spent_token(
-    tmp_path: Path, ca_files: tuple[Path, Path]
+    open_verifier: Callable[..., Verifier], ca_files: tuple[Path, Path]
 ) -> None:
     # Enrolled before the verifier became a device CA, then revoked: re-running provisioning
     # with the spent token must not hand the revoked key a client certificate for the broker.
-    db = tmp_path / "verifier.db"
     key = make_key("ES256")
-    plain = Verifier.open(db, verifier_config())
+    plain = open_verifier(verifier_config())
     token = plain.create_enrollment_tokens()[0]
     plain.enroll_device(make_csr(key), token, "pkcs11", True)
     plain.revoke(device_id_of(key))
     plain.close()
-    with_ca = Verifier.open(db, verifier_config(), device_ca_cert=ca_files[0],
-                            device_ca_key=ca_files[1])
+    with_ca = open_verifier(
+        verifier_config(), device_ca_cert=ca_files[0], device_ca_key=ca_files[1]
+    )
     try:
         with pytest.raises(VerificationError) as caught:
             with_ca.enroll_device(make_csr(key), token, "pkcs11", True)

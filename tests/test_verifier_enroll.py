@@ -16,6 +16,7 @@ from fixtures_verifier import (
     BROKER_CB,
     ISSUER,
     PLAIN_BROKER,
+    REGISTRY_KINDS,
     Device,
     ManualClock,
     enroll,
@@ -30,6 +31,13 @@ from device_sdk.auth import device_id_of
 from device_sdk.errors import ConfigError, VerificationError
 from device_sdk.verifier import RateLimit, TokenBucketLimiter, Verifier, hash_enrollment_token
 from device_sdk.verifier.tokens import load_or_create_signing_key
+
+
+@pytest.fixture(params=REGISTRY_KINDS)
+def registry_kind(request: pytest.FixtureRequest) -> str:
+    """Run every test that uses the ``verifier`` fixture on SQLite and on PostgreSQL."""
+    kind: str = request.param
+    return kind
 
 
 def reason_of(call: object, *args: object, **kwargs: object) -> str:
@@ -97,8 +105,11 @@ def test_expired_enrollment_token(verifier: Verifier, clock: ManualClock) -> Non
     assert reason == "enrollment_token_invalid"
 
 
-def test_enrollment_token_stored_as_hash(verifier: Verifier, tmp_path: Path) -> None:
+def test_enrollment_token_stored_as_hash(tmp_path: Path, clock: ManualClock) -> None:
+    # SQLite only: test_verifier_postgres.py checks the PostgreSQL table.
+    verifier = make_verifier(tmp_path, clock)
     token = verifier.create_enrollment_tokens(never_expire=True)[0]
+    verifier.close()
     # The write-ahead log contains the newest pages, so read it as well as the main file.
     database = b"".join(path.read_bytes() for path in tmp_path.glob("registry.db*"))
     assert token.encode() not in database

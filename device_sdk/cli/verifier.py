@@ -1,8 +1,9 @@
 """``device-sdk verifier``: serve the verifier, create enrollment tokens, manage devices.
 
-The commands that manage the registry open the same SQLite database that ``serve`` uses, so
-they work while a server is running. Nothing here prints a secret, except the enrollment tokens
-that ``enrollment-token create`` exists to print, and those go to stdout only.
+The commands that manage the registry open the same SQLite database (``--db``) or PostgreSQL
+registry (``--postgres``) that ``serve`` uses, so they work while a server is running. Nothing
+here prints a secret, except the enrollment tokens that ``enrollment-token create`` exists to
+print, and those go to stdout only.
 """
 
 from __future__ import annotations
@@ -45,9 +46,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _register_devices(commands)
 
 
-def _add_db_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--db", required=True, metavar="PATH", help="SQLite database of devices and challenges"
+def _add_registry_options(parser: argparse.ArgumentParser) -> None:
+    registry = parser.add_mutually_exclusive_group(required=True)
+    registry.add_argument(
+        "--db", metavar="PATH", help="SQLite database of devices and challenges"
+    )
+    registry.add_argument(
+        "--postgres", metavar="URL",
+        help="PostgreSQL database of devices, shared by several verifiers "
+        "(postgresql://user@host:5432/dbname). The URL must not contain the password: "
+        "libpq reads it from PGPASSWORD, a PGPASSFILE or ~/.pgpass",
     )
 
 
@@ -57,10 +65,11 @@ def _register_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser
         help="serve the verifier's HTTP API with uvicorn",
         description="Serve challenges, tokens, enrollment, JWKS and the broker auth webhooks.",
     )
-    _add_db_option(parser)
+    _add_registry_options(parser)
     parser.add_argument(
         "--redis", metavar="URL",
-        help="keep challenges in Redis (redis://host:port/db) so several verifiers share them",
+        help="keep challenges in Redis (redis://host:port/db) so several verifiers share them; "
+        "required with --postgres",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument(
@@ -121,7 +130,8 @@ def _register_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser
 
     parser.add_argument(
         "--signing-key", metavar="PEM",
-        help="access-token signing key, created if absent (default: beside the database)",
+        help="access-token signing key, created if absent (default: beside the --db database); "
+        "required with --postgres, where every verifier must read the same key file",
     )
     parser.add_argument(
         "--leeway", type=int, default=30, metavar="SECONDS",
@@ -176,7 +186,7 @@ def _register_enrollment_tokens(
         description="Create one-time enrollment tokens. Only their hashes are stored, so this "
         "is the only time the tokens are shown: hand them to provisioning in a file of mode 0600.",
     )
-    _add_db_option(create)
+    _add_registry_options(create)
     create.add_argument(
         "--count", type=int, default=1,
         help=f"number of tokens, at most {MAX_TOKEN_COUNT} (default: 1)",
@@ -202,12 +212,12 @@ def _register_devices(commands: argparse._SubParsersAction[argparse.ArgumentPars
     actions.required = True
 
     listing = actions.add_parser("list", help="list every enrolled device")
-    _add_db_option(listing)
+    _add_registry_options(listing)
     listing.add_argument("--json", action="store_true", help="print a JSON array")
     listing.set_defaults(handler=run_list_devices)
 
     show = actions.add_parser("show", help="show one device record")
-    _add_db_option(show)
+    _add_registry_options(show)
     show.add_argument("device_id", help="the device id (43 base64url characters)")
     show.add_argument("--json", action="store_true", help="print one JSON object")
     show.set_defaults(handler=run_show_device)
@@ -215,11 +225,12 @@ def _register_devices(commands: argparse._SubParsersAction[argparse.ArgumentPars
     revoke = actions.add_parser(
         "revoke", help="revoke a device: no more challenges, logins or access tokens",
     )
-    _add_db_option(revoke)
+    _add_registry_options(revoke)
     revoke.add_argument("device_id", help="the device id (43 base64url characters)")
     revoke.add_argument(
         "--redis", metavar="URL",
-        help="the Redis URL the servers use, so the device's pending challenges are purged there",
+        help="the Redis URL the servers use, so the device's pending challenges are purged "
+        "there; required with --postgres",
     )
     revoke.add_argument("--json", action="store_true", help="print the revoked record as JSON")
     revoke.set_defaults(handler=run_revoke_device)
@@ -346,12 +357,16 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = build_config(args)
     server_settings = uvicorn_settings(args)
-    _check_database_dir(args.db)
+    if args.postgres:
+        _check_postgres_serve_options(args)
+    else:
+        _check_database_dir(args.db)
     _check_port_free(args.host, args.port)
     logging.getLogger("device_sdk").setLevel(args.log_level.upper())
     verifier = Verifier.open(
         args.db,
         config,
+        registry_url=args.postgres,
         redis_url=args.redis,
         signing_key_path=args.signing_key,
         device_ca_cert=args.device_ca_cert,
@@ -364,7 +379,8 @@ def run_serve(args: argparse.Namespace) -> int:
     brokers = ", ".join(config.broker_audiences) or "none"
     print(
         f"device-sdk verifier: serving {_listen_url(args)} (issuer {config.issuer}, brokers "
-        f"{brokers}, challenges in {'Redis' if args.redis else 'SQLite'}, device CA "
+        f"{brokers}, registry in {'PostgreSQL' if args.postgres else 'SQLite'}, challenges in "
+        f"{'Redis' if args.redis else 'SQLite'}, device CA "
         f"{'on' if args.device_ca_cert else 'off'}, TPM attestation "
         f"{_attestation_mode(config)})",
         file=sys.stderr,
@@ -418,6 +434,22 @@ def _check_port_free(host: str, port: int) -> None:
             ) from exc
 
 
+def _check_postgres_serve_options(args: argparse.Namespace) -> None:
+    from device_sdk.verifier.postgres import check_postgres_url
+
+    check_postgres_url(args.postgres)
+    if not args.redis:
+        raise ConfigError(
+            "--postgres is for several verifiers, which must share their challenges too; "
+            "pass --redis redis://host:6379/0"
+        )
+    if not args.signing_key:
+        raise ConfigError(
+            "--postgres needs --signing-key PATH: every verifier must sign access tokens with "
+            "the same key file, and there is no database file to keep it beside"
+        )
+
+
 def _check_database_dir(db: str) -> None:
     parent = Path(db).resolve().parent
     if not parent.is_dir():
@@ -427,31 +459,60 @@ def _check_database_dir(db: str) -> None:
 # enrollment tokens and devices
 
 
-def _open_management_verifier(db: str, redis_url: str | None = None, *, create: bool) -> Any:
+def _open_management_verifier(
+    args: argparse.Namespace, redis_url: str | None = None, *, create: bool
+) -> Any:
     from device_sdk.verifier.config import VerifierConfig
     from device_sdk.verifier.core import Verifier
-    from device_sdk.verifier.registry import SQLiteDeviceRegistry
+    from device_sdk.verifier.registry import DeviceRegistry, SQLiteDeviceRegistry
     from device_sdk.verifier.stores import (
         ChallengeStore,
+        MemoryChallengeStore,
         RedisChallengeStore,
         SQLiteChallengeStore,
     )
 
-    if not create and not Path(db).is_file():
-        raise ConfigError(
-            f"no verifier database at {db}; pass the --db that `device-sdk verifier serve` uses"
-        )
-    _check_database_dir(db)
+    registry: DeviceRegistry
     challenges: ChallengeStore
-    if redis_url:
-        challenges = RedisChallengeStore.from_url(redis_url)
+    if args.postgres:
+        from device_sdk.verifier.postgres import PostgresDeviceRegistry, check_postgres_url
+
+        check_postgres_url(args.postgres)
+        # Only revoke purges challenges; the other commands never touch them.
+        challenges = (
+            RedisChallengeStore.from_url(redis_url) if redis_url else MemoryChallengeStore()
+        )
+        try:
+            registry = PostgresDeviceRegistry(args.postgres)
+        except BaseException:
+            challenges.close()
+            raise
     else:
-        challenges = SQLiteChallengeStore(db)
+        db = args.db
+        if not create and not Path(db).is_file():
+            raise ConfigError(
+                f"no verifier database at {db}; pass the --db that `device-sdk verifier serve` "
+                "uses"
+            )
+        _check_database_dir(db)
+        challenges = (
+            RedisChallengeStore.from_url(redis_url) if redis_url else SQLiteChallengeStore(db)
+        )
+        registry = SQLiteDeviceRegistry(db)
     return Verifier(
         VerifierConfig(issuer=MANAGEMENT_ISSUER),
-        registry=SQLiteDeviceRegistry(db),
+        registry=registry,
         challenges=challenges,
     )
+
+
+def _registry_name(args: argparse.Namespace) -> str:
+    """Name the registry in messages; a PostgreSQL URL is shown without user or password."""
+    if args.postgres:
+        from device_sdk.verifier.postgres import describe_postgres_url
+
+        return f"the PostgreSQL registry at {describe_postgres_url(args.postgres)}"
+    return str(args.db)
 
 
 def run_create_tokens(args: argparse.Namespace) -> int:
@@ -463,7 +524,7 @@ def run_create_tokens(args: argparse.Namespace) -> int:
     if args.lifetime is not None and args.lifetime < 1:
         raise ConfigError(f"--lifetime must be at least 1 second, got {args.lifetime}")
 
-    verifier = _open_management_verifier(args.db, create=True)
+    verifier = _open_management_verifier(args, create=True)
     try:
         now = verifier.now()
         tokens = verifier.create_enrollment_tokens(
@@ -513,7 +574,7 @@ def _print_table(records: Sequence[Any]) -> None:
 
 
 def run_list_devices(args: argparse.Namespace) -> int:
-    verifier = _open_management_verifier(args.db, create=False)
+    verifier = _open_management_verifier(args, create=False)
     try:
         records = verifier.list_devices()
     finally:
@@ -526,14 +587,14 @@ def run_list_devices(args: argparse.Namespace) -> int:
 
 
 def run_show_device(args: argparse.Namespace) -> int:
-    verifier = _open_management_verifier(args.db, create=False)
+    verifier = _open_management_verifier(args, create=False)
     try:
         record = verifier.get_device(args.device_id)
     finally:
         verifier.close()
     if record is None:
         raise ConfigError(
-            f"device {args.device_id} is not enrolled in {args.db}; "
+            f"device {args.device_id} is not enrolled in {_registry_name(args)}; "
             "`device-sdk verifier devices list` shows the enrolled ones"
         )
     if args.json:
@@ -550,12 +611,17 @@ def run_show_device(args: argparse.Namespace) -> int:
 
 
 def run_revoke_device(args: argparse.Namespace) -> int:
-    verifier = _open_management_verifier(args.db, args.redis, create=False)
+    if args.postgres and not args.redis:
+        raise ConfigError(
+            "revoke with --postgres needs the --redis URL that the verifiers use, so that the "
+            "device's pending challenges are deleted there"
+        )
+    verifier = _open_management_verifier(args, args.redis, create=False)
     try:
         record = verifier.revoke(args.device_id)
     except VerificationError:
         raise ConfigError(
-            f"device {args.device_id} is not enrolled in {args.db}; "
+            f"device {args.device_id} is not enrolled in {_registry_name(args)}; "
             "`device-sdk verifier devices list` shows the enrolled ones"
         ) from None
     finally:

@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from device_sdk.auth.encoding import loads_json_object
-from device_sdk.errors import ProtocolError, VerificationError
+from device_sdk.errors import ProtocolError, StoreError, VerificationError
 from device_sdk.verifier.audit import log_decision
 from device_sdk.verifier.config import broker_name
 from device_sdk.verifier.core import Verifier
@@ -254,6 +254,15 @@ def create_app(
             status=exc.status_code,
         )
         return JSONResponse({"error": exc.error}, status_code=exc.status_code)
+
+    @app.exception_handler(StoreError)
+    async def store_failed(request: Request, exc: StoreError) -> Response:
+        # The registry database is down or the connection dropped. The next request of the
+        # thread reconnects, so the client may retry soon.
+        logger.error("%s %s failed: %s", request.method, request.url.path, exc)
+        return JSONResponse(
+            {"error": "unavailable"}, status_code=503, headers={"Retry-After": "1"}
+        )
 
     async def call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         # The stores block on SQLite or Redis, so verifier calls run in the thread pool.

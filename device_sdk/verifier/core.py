@@ -109,6 +109,22 @@ def _check_claim_types(payload: dict[str, Any]) -> None:
             raise VerificationError("malformed", f"claim {name!r} must be an integer")
 
 
+def _check_postgres_settings(
+    redis_url: str | None, signing_key_path: str | Path | None
+) -> None:
+    """Raise ConfigError unless a PostgreSQL registry has what several replicas must share."""
+    if not redis_url:
+        raise ConfigError(
+            "a PostgreSQL registry is for several verifier replicas, which must share their "
+            "challenges too; pass a Redis URL for the challenges (--redis redis://host:6379/0)"
+        )
+    if signing_key_path is None:
+        raise ConfigError(
+            "a PostgreSQL registry has no database file to keep the access-token signing key "
+            "beside; pass the path of a key file that every replica reads (--signing-key PATH)"
+        )
+
+
 class Verifier:
     """Server side of the device login protocol.
 
@@ -170,21 +186,35 @@ class Verifier:
     @classmethod
     def open(
         cls,
-        db_path: str | Path,
+        db_path: str | Path | None,
         config: VerifierConfig,
         *,
+        registry_url: str | None = None,
         redis_url: str | None = None,
         signing_key_path: str | Path | None = None,
         device_ca_cert: str | Path | None = None,
         device_ca_key: str | Path | None = None,
     ) -> Verifier:
-        """Open a verifier on a SQLite database, with challenges in it or in Redis.
+        """Open a verifier on a SQLite database or a PostgreSQL registry.
+
+        With ``db_path``, the registry is in that SQLite file and challenges are in it or in
+        Redis (``redis_url``). With ``registry_url`` (``postgresql://user@host/dbname``) in place
+        of ``db_path``, the registry is in PostgreSQL, for several replicas. Replicas must then
+        share challenges too, so ``redis_url`` is required, and so is ``signing_key_path``, a
+        key file that every replica reads. Raises :class:`ConfigError` for other combinations.
 
         The access-token signing key is read from ``signing_key_path``, by default
-        ``<db stem>-signing-key.pem`` beside the database, and created there (mode 0600) if absent.
-        ``device_ca_cert`` and ``device_ca_key`` (PEM files, the key of mode 0600) make the
-        verifier a device CA (:class:`~device_sdk.verifier.device_ca.DeviceCA`).
+        ``<db stem>-signing-key.pem`` beside the SQLite database, and created there (mode 0600)
+        if absent. ``device_ca_cert`` and ``device_ca_key`` (PEM files, the key of mode 0600)
+        make the verifier a device CA (:class:`~device_sdk.verifier.device_ca.DeviceCA`).
         """
+        if (db_path is None) == (registry_url is None):
+            raise ConfigError(
+                "Verifier.open needs exactly one device registry: a SQLite database path or a "
+                "PostgreSQL registry URL"
+            )
+        if registry_url is not None:
+            _check_postgres_settings(redis_url, signing_key_path)
         if (device_ca_cert is None) != (device_ca_key is None):
             raise ConfigError("the device CA needs both its certificate and its key, or neither")
         device_ca = None
@@ -192,19 +222,39 @@ class Verifier:
             device_ca = DeviceCA.from_pem_files(
                 device_ca_cert, device_ca_key, config.device_certificate_lifetime
             )
-        db_path = Path(db_path)
-        registry = SQLiteDeviceRegistry(db_path)
+
+        registry: DeviceRegistry
         challenges: ChallengeStore
-        if redis_url:
+        if registry_url is not None:
+            from device_sdk.verifier.postgres import PostgresDeviceRegistry
+
+            assert redis_url is not None, "checked by _check_postgres_settings"
+            registry = PostgresDeviceRegistry(registry_url)
             challenges = RedisChallengeStore.from_url(redis_url)
         else:
-            # One connection per thread for both stores, so the registry's record cache is
-            # invalidated by other processes' commits only, not by this one's nonce consumes.
-            # check_device_status lets a successful nonce consume prove the device active.
-            challenges = SQLiteChallengeStore(registry.connections, check_device_status=True)
-        if signing_key_path is None:
-            signing_key_path = db_path.with_name(db_path.stem + "-signing-key.pem")
-        signing_key = load_or_create_signing_key(signing_key_path)
+            assert db_path is not None
+            db_path = Path(db_path)
+            sqlite_registry = SQLiteDeviceRegistry(db_path)
+            registry = sqlite_registry
+            if redis_url:
+                challenges = RedisChallengeStore.from_url(redis_url)
+            else:
+                # One connection per thread for both stores, so the registry's record cache is
+                # invalidated by other processes' commits only, not by this one's nonce
+                # consumes. check_device_status lets a successful nonce consume prove the
+                # device active.
+                challenges = SQLiteChallengeStore(
+                    sqlite_registry.connections, check_device_status=True
+                )
+            if signing_key_path is None:
+                signing_key_path = db_path.with_name(db_path.stem + "-signing-key.pem")
+        assert signing_key_path is not None
+        try:
+            signing_key = load_or_create_signing_key(signing_key_path)
+        except BaseException:
+            challenges.close()
+            registry.close()
+            raise
         return cls(
             config,
             registry=registry,
