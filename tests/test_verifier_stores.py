@@ -30,7 +30,11 @@ from device_sdk.verifier import (
     SQLiteDeviceRegistry,
     Verifier,
 )
-from device_sdk.verifier.stores import MAX_OUTSTANDING_CHALLENGES, SPENT_RETENTION
+from device_sdk.verifier.stores import (
+    MAX_OUTSTANDING_CHALLENGES,
+    SPENT_RETENTION,
+    check_redis_url,
+)
 
 PARALLEL_USES = 32
 
@@ -113,6 +117,28 @@ def test_purge_device(store: ChallengeStore) -> None:
     assert store.find(mine[2].nonce) is None
     assert store.find(mine[0].nonce) == (mine[0], True)
     assert consume(store, theirs)
+
+
+def test_redis_url_with_password_rejected() -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_redis_url("redis://:hunter2@127.0.0.1:6379/0")
+    assert str(caught.value) == (
+        "the Redis URL contains a password, which other local users can read on a command "
+        "line; remove it and set REDISCLI_AUTH in the environment instead"
+    )
+    assert "hunter2" not in str(caught.value)
+
+
+def test_redis_password_from_environment(
+    redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDISCLI_AUTH", "from-the-environment")
+    store = RedisChallengeStore.from_url(redis_server.url)
+    try:
+        kwargs = store._redis.connection_pool.connection_kwargs
+    finally:
+        store.close()
+    assert kwargs["password"] == "from-the-environment"
 
 
 def test_remember_jti(store: ChallengeStore) -> None:

@@ -69,7 +69,7 @@ def _register_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument(
         "--redis", metavar="URL",
         help="keep challenges in Redis (redis://host:port/db) so several verifiers share them; "
-        "required with --postgres",
+        "required with --postgres. The URL must not contain the password: set REDISCLI_AUTH",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument(
@@ -354,9 +354,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from device_sdk.verifier.app import create_app
     from device_sdk.verifier.config import broker_name
     from device_sdk.verifier.core import Verifier
+    from device_sdk.verifier.stores import check_redis_url
 
     config = build_config(args)
     server_settings = uvicorn_settings(args)
+    if args.redis:
+        check_redis_url(args.redis)
     if args.postgres:
         _check_postgres_serve_options(args)
     else:
@@ -470,8 +473,11 @@ def _open_management_verifier(
         MemoryChallengeStore,
         RedisChallengeStore,
         SQLiteChallengeStore,
+        check_redis_url,
     )
 
+    if redis_url:
+        check_redis_url(redis_url)
     registry: DeviceRegistry
     challenges: ChallengeStore
     if args.postgres:

@@ -107,11 +107,12 @@ def check_postgres_url(url: str) -> None:
         )
     try:
         parts = conninfo_to_dict(url)
-    except psycopg.ProgrammingError as exc:
-        # The message of psycopg may repeat the URL, and so the password: leave it out.
+    except psycopg.ProgrammingError:
+        # The message of psycopg may repeat the URL, and so the password: leave it out, also
+        # from the traceback that --debug shows.
         raise ConfigError(
             "the PostgreSQL URL is invalid; write it as postgresql://user@host:5432/dbname"
-        ) from exc
+        ) from None
     if parts.get("password"):
         raise ConfigError(
             "the PostgreSQL URL contains a password, which other local users can read on a "

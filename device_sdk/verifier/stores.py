@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 from device_sdk.auth.challenge import Challenge
 from device_sdk.errors import ConfigError
@@ -426,6 +428,27 @@ return 1
 """
 
 
+REDIS_PASSWORD_ENV = "REDISCLI_AUTH"  # noqa: S105 - the name of a variable, not a password
+"""Environment variable with the Redis password, the one ``redis-cli`` reads too."""
+
+
+def check_redis_url(url: str) -> None:
+    """Raise :class:`ConfigError` if a Redis URL from a command line contains a password.
+
+    Every local user can read a command line, so the password goes in :data:`REDIS_PASSWORD_ENV`.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"the Redis URL must start with redis://, rediss:// or unix://, got {parts.scheme!r}"
+        )
+    if parts.password:
+        raise ConfigError(
+            "the Redis URL contains a password, which other local users can read on a command "
+            f"line; remove it and set {REDIS_PASSWORD_ENV} in the environment instead"
+        )
+
+
 class RedisChallengeStore:
     """Challenges as Redis keys with a TTL; verifier replicas on several hosts may share them.
 
@@ -455,9 +478,16 @@ class RedisChallengeStore:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "device-sdk:") -> RedisChallengeStore:
-        """Connect to Redis at ``url`` (``redis://host:port/db``)."""
+        """Connect to Redis at ``url`` (``redis://host:port/db``).
+
+        Without a password in ``url``, the one in the environment variable
+        :data:`REDIS_PASSWORD_ENV` is used, if set.
+        """
         import redis
 
+        password = os.environ.get(REDIS_PASSWORD_ENV)
+        if password and not urlsplit(url).password:
+            return cls(redis.Redis.from_url(url, password=password), prefix=prefix)
         return cls(redis.Redis.from_url(url), prefix=prefix)
 
     def _challenge_key(self, nonce: str) -> str:
