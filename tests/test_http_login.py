@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -15,6 +16,7 @@ import httpx
 import jwt
 import pytest
 import requests
+from cryptography.hazmat.primitives.asymmetric import ec
 from fixtures_login import InterceptingProxy, VerifierServer, serve_verifier
 from fixtures_services import TestPKI, UvicornFactory
 
@@ -200,6 +202,76 @@ def test_httpx_concurrent_401s_log_in_once(
 
     assert [response.status_code for response in responses] == [200] * CONCURRENT_REQUESTS
     assert auth.logins == 2
+
+
+class CountingLock:
+    """A threading.Lock that counts the threads waiting to acquire it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self.waiting = 0
+
+    def acquire(self) -> bool:
+        with self._count_lock:
+            self.waiting += 1
+        self._lock.acquire()
+        with self._count_lock:
+            self.waiting -= 1
+        return True
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+
+def test_httpx_waiters_share_failed_login() -> None:
+    # A rate-limited verifier gets one login attempt, not one per waiting request.
+    auth = DeviceAuth(ec.generate_private_key(ec.SECP256R1()), "http://127.0.0.1:9")
+    lock = CountingLock()
+    auth._thread_login_lock = lock  # type: ignore[assignment]
+    challenge_requests = []
+
+    def verifier(request: httpx.Request) -> httpx.Response:
+        challenge_requests.append(request.url.path)
+        deadline = time.monotonic() + 30
+        while lock.waiting < CONCURRENT_REQUESTS - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return httpx.Response(429, headers={"Retry-After": "7"}, text="slow down")
+
+    with httpx.Client(auth=auth, transport=httpx.MockTransport(verifier)) as client:
+
+        def call(_: int) -> BaseException | None:
+            try:
+                client.get("http://127.0.0.1:9/v1/whoami")
+            except LoginError as exc:
+                return exc
+            return None
+
+        with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
+            errors = list(pool.map(call, range(CONCURRENT_REQUESTS)))
+
+    assert challenge_requests == ["/v1/challenges"]
+    assert [type(error) for error in errors] == [LoginError] * CONCURRENT_REQUESTS
+    assert {error.retry_after for error in errors if isinstance(error, LoginError)} == {7.0}
+    assert not lock.locked()
+
+
+def test_httpx_hung_verifier_times_out() -> None:
+    # A verifier that accepts connections but never responds. The login requests must get the
+    # client's timeout, and the login lock must be free again afterwards.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        auth = DeviceAuth(ec.generate_private_key(ec.SECP256R1()), url)
+        with httpx.Client(auth=auth, timeout=0.5) as client:
+            for _ in range(2):
+                with pytest.raises(httpx.ReadTimeout):
+                    client.get(url + "/v1/whoami")
+                assert not auth._thread_login_lock.locked()
 
 
 def test_httpx_login_through_client_with_same_auth(

@@ -149,6 +149,10 @@ class DeviceAuth(httpx.Auth):
             weakref.WeakKeyDictionary()
         )
         self._thread_login_lock = threading.Lock()
+        # Logins finished so far, and the error of the last one if it failed: a request that
+        # waited for the lock while a login failed raises that error instead of trying again.
+        self._logins_finished = 0
+        self._last_login_error: BaseException | None = None
         # An asyncio.Lock belongs to one event loop, and a client may be used from several.
         self._loop_login_locks: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, asyncio.Lock
@@ -261,7 +265,7 @@ class DeviceAuth(httpx.Auth):
 
         token = self.tokens.get()
         if token is None:
-            token = yield from self._login_once(None)
+            token = yield from self._login_once(None, request)
         request.headers["Authorization"] = token.authorization
         response = yield request
         if response is None or response.status_code != 401:
@@ -271,23 +275,40 @@ class DeviceAuth(httpx.Auth):
             "device %s: %s %s returned 401; logging in again once",
             self.device_id, request.method, request.url,
         )
-        token = yield from self._login_once(token)
+        token = yield from self._login_once(token, request)
         request.headers["Authorization"] = token.authorization
         yield request
 
     def _login_once(
-        self, rejected: AccessToken | None
+        self, rejected: AccessToken | None, request: httpx.Request
     ) -> Generator[AuthStep, httpx.Response | None, AccessToken]:
         """Log in under the login lock, unless another request did so while this one waited.
 
         ``rejected`` is the token a 401 just refused, or None when there was no valid token.
+        If a login failed while this request waited, its error is raised here too, so that a
+        verifier that is down or rate limiting gets one attempt and not one per waiting request.
+        The login requests get the timeout of ``request``. The driver releases the lock if this
+        raises.
         """
+        finished_before = self._logins_finished
         yield _LoginLock.ACQUIRE
         if rejected is not None:
             self.tokens.discard(rejected)
         token = self.tokens.get()
         if token is None:
-            token = yield from self._login()
+            failed = self._last_login_error
+            if failed is not None and self._logins_finished != finished_before:
+                raise failed
+            try:
+                token = yield from self._login(request.extensions.get("timeout"))
+            except BaseException as exc:
+                # A cancelled login (GeneratorExit, CancelledError) is no failure of the
+                # verifier, so waiting requests try again then.
+                self._last_login_error = exc if isinstance(exc, Exception) else None
+                self._logins_finished += 1
+                raise
+            self._last_login_error = None
+            self._logins_finished += 1
         yield _LoginLock.RELEASE
         return token
 
@@ -332,14 +353,22 @@ class DeviceAuth(httpx.Auth):
             if lock is not None:
                 lock.release()
 
-    def _login(self) -> Generator[httpx.Request, httpx.Response, AccessToken]:
+    def _login(
+        self, timeout: dict[str, float | None] | None = None
+    ) -> Generator[httpx.Request, httpx.Response, AccessToken]:
+        # Requests that an auth flow yields skip Client.send, which sets the client's timeout,
+        # so the caller passes the triggering request's timeout extension. None leaves it to
+        # the client (login and alogin send through Client.send).
+        extensions = {"timeout": timeout} if timeout is not None else None
         started = time.monotonic()
         binding: dict[str, bytes | None] = {"cb": None}
         flow = login_flow(self._key, self.audience, self.token_url, lambda: binding["cb"])
         step: ChallengeRequest | TokenRequest = next(flow)
         while True:
             url = step.url if isinstance(step, TokenRequest) else self.verifier_url + step.path
-            response = yield httpx.Request(step.method, url, json=step.to_json())
+            response = yield httpx.Request(
+                step.method, url, json=step.to_json(), extensions=extensions
+            )
             if isinstance(step, ChallengeRequest) and is_tls_audience(self.audience):
                 binding["cb"] = tls_server_end_point(self._certificate_of(response))
             answer = answer_from_status(
