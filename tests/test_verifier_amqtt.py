@@ -14,6 +14,7 @@ from fixtures_services import HOST, free_port
 from fixtures_verifier import NONCELESS_BROKER, PLAIN_BROKER, Device, enroll
 
 from device_sdk.auth import Challenge, build_assertion
+from device_sdk.errors import ConfigError
 from device_sdk.verifier import Verifier
 from device_sdk.verifier.amqtt_plugin import PLUGIN_PATH, broker_config
 
@@ -123,6 +124,22 @@ def test_broker_with_audience_refuses_other_broker_password(
     assert code == NOT_AUTHORIZED
     lines = [r.getMessage() for r in caplog.records if r.name == AUDIT_LOGGER]
     assert any("reason=wrong_audience" in line for line in lines)
+
+
+def test_broker_audience_must_be_served(verifier: Verifier) -> None:
+    from amqtt.broker import Broker
+    from amqtt.errors import PluginInitError
+
+    async def create() -> object:
+        return Broker(broker_config(verifier, host=HOST, port=0, audience="mqtt://typo.test:1883"))
+
+    with pytest.raises(PluginInitError) as caught:
+        asyncio.run(create())
+    cause = caught.value.__cause__
+    assert isinstance(cause, ConfigError)
+    assert "audience 'mqtt://typo.test:1883' is not a broker audience of the verifier" in str(
+        cause
+    )
 
 
 def test_username_must_match_device(

@@ -130,3 +130,24 @@ def test_shared_host_and_port_rejected() -> None:
         "broker audiences mqtt://h:1883 and ws://h:1883 share the host and port h:1883, which "
         "names a broker in webhook paths; give each broker its own host and port"
     )
+
+
+@pytest.mark.parametrize(
+    "audience", ["mqtt://user:secret@broker.test:1883", "mqtt://br%6Fker.test:1883"]
+)
+def test_audience_with_user_or_escape_rejected(audience: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        VerifierConfig(issuer="http://127.0.0.1:8080", broker_audiences={audience: frozenset()})
+    assert str(caught.value) == (
+        f"broker audience {audience!r} has a user, password or %-escape in its host part; "
+        "write it as scheme://host:port"
+    )
+
+
+def test_unknown_broker_name_logged_as_such(
+    verifier: Verifier, device: Device, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, AUDIT_LOGGER)
+    with TestClient(create_app(verifier)) as broker:
+        broker.post("/v1/brokers/broker.invalid:1883/auth/emqx", json={})
+    assert "reason=unknown_broker" in caplog.text

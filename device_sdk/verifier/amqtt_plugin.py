@@ -21,7 +21,7 @@ from typing import Any
 
 from amqtt.plugins.base import BaseAuthPlugin
 
-from device_sdk.errors import VerificationError
+from device_sdk.errors import ConfigError, VerificationError
 from device_sdk.verifier.audit import log_decision
 from device_sdk.verifier.core import Verifier
 
@@ -54,6 +54,11 @@ class VerifierAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
             )
         self.verifier: Verifier = verifier
         self.audience: str | None = getattr(self.config, "audience", None)
+        if self.audience is not None and self.audience not in verifier.config.broker_audiences:
+            raise ConfigError(
+                f"{PLUGIN_PATH}: audience {self.audience!r} is not a broker audience of the "
+                f"verifier ({sorted(verifier.config.broker_audiences)}); pass one of them"
+            )
 
     async def authenticate(self, *, session: Any) -> bool:
         """Return True for a valid, unspent assertion from the device named as username."""

@@ -247,7 +247,7 @@ def create_app(
         log_decision(
             "request",
             "reject",
-            reason="malformed",
+            reason="unknown_broker" if exc.error == "unknown_broker" else "malformed",
             client_address=client_address(request),
             detail=exc.detail,
             path=request.url.path,

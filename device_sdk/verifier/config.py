@@ -138,6 +138,13 @@ class VerifierConfig:
         for url, bindings in self.broker_audiences.items():
             _check_audience_url(url, "broker audience")
             _check_bindings(url, bindings, "broker audience")
+            # The host and port name the broker in webhook paths, which are logged and which
+            # the server percent-decodes, so a user, password or escape there would not work.
+            if "@" in broker_name(url) or "%" in broker_name(url):
+                raise ConfigError(
+                    f"broker audience {url!r} has a user, password or %-escape in its host part; "
+                    "write it as scheme://host:port"
+                )
         if self.issuer in self.broker_audiences:
             raise ConfigError(f"{self.issuer} is both the issuer and a broker audience")
         names: dict[str, str] = {}
