@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from fixtures_services import TestPKI
+from fixtures_services import TestPKI, free_port
+from fixtures_verifier import enroll, verifier_config
 
 from device_sdk.auth import tls_server_end_point
 from device_sdk.cli.main import build_parser
 from device_sdk.cli.main import main as cli_main
 from device_sdk.cli.verifier import build_config
 from device_sdk.errors import ConfigError
+from device_sdk.verifier import Verifier
 
 
 def serve_args(*options: str) -> argparse.Namespace:
@@ -109,3 +113,52 @@ def test_serve_port_in_use_one_line(
         "pick another --port or stop the process that uses it\n"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def library_log_level() -> Iterator[None]:
+    """Restore the level of the device_sdk logger, which ``serve`` sets for its process."""
+    logger = logging.getLogger("device_sdk")
+    level = logger.level
+    yield
+    logger.setLevel(level)
+
+
+@pytest.mark.usefixtures("library_log_level")
+def test_serve_redis_down_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    redis_port = free_port()
+    status = cli_main([
+        "verifier", "serve", "--db", str(tmp_path / "v.db"), "--port", str(free_port()),
+        "--redis", f"redis://127.0.0.1:{redis_port}/0",
+    ])
+
+    error = capsys.readouterr().err
+    assert status == 1
+    assert error.startswith(f"device-sdk: error: Redis at 127.0.0.1:{redis_port}/0 failed: ")
+    assert error.count("\n") == 1
+
+
+def test_revoke_with_redis_down_says_what_happened(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    database = tmp_path / "v.db"
+    verifier = Verifier.open(database, verifier_config())
+    device = enroll(verifier)
+    verifier.close()
+    redis_port = free_port()
+
+    status = cli_main([
+        "verifier", "devices", "revoke", "--db", str(database),
+        "--redis", f"redis://127.0.0.1:{redis_port}/0", "--", device.device_id,
+    ])
+
+    error = capsys.readouterr().err
+    assert status == 1
+    assert error.startswith(
+        f"device-sdk: error: device {device.device_id} is revoked in {database}, but deleting "
+        f"its pending challenges failed: Redis at 127.0.0.1:{redis_port}/0 failed: "
+    )
+    assert error.endswith(
+        "Run the revoke again once that is fixed; until then its pending challenges are still "
+        "refused, because the registry says revoked\n"
+    )

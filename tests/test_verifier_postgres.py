@@ -162,6 +162,23 @@ def test_registry_token_errors(registry: DeviceRegistry) -> None:
     )
 
 
+def test_registry_second_revoke_keeps_time(registry: DeviceRegistry) -> None:
+    registry.add_enrollment_token("t1", NOW, None)
+    registry.enroll("t1", device_record("d" * 43), NOW)
+    registry.set_status("d" * 43, "revoked", NOW + 1)
+
+    again = registry.set_status("d" * 43, "revoked", NOW + 50)
+    reactivated = registry.set_status("d" * 43, "active", NOW + 60)
+    revoked_later = registry.set_status("d" * 43, "revoked", NOW + 70)
+
+    assert again is not None
+    assert again.revoked_at == NOW + 1
+    assert reactivated is not None
+    assert reactivated.revoked_at is None
+    assert revoked_later is not None
+    assert revoked_later.revoked_at == NOW + 70
+
+
 def test_registry_revoked_device_rejected(registry: DeviceRegistry) -> None:
     registry.add_enrollment_token("t1", NOW, None)
     registry.add_enrollment_token("t2", NOW, None)
@@ -765,3 +782,43 @@ def test_cli_unreachable_postgres(capsys: pytest.CaptureFixture[str]) -> None:
         f"device-sdk: error: cannot connect to the PostgreSQL registry at {HOST}:{port}/d: "
     )
     assert err.count("\n") == 1
+
+
+def test_role_without_create_privilege(postgres_server: Postgres, postgres_database: str) -> None:
+    # PostgreSQL 15 lets only the database owner create tables in public. A role with table
+    # privileges works once the owner has created them, and without them gets a clear error.
+    name = postgres_database.rsplit("/", 1)[1]
+    with psycopg.connect(postgres_database, autocommit=True, connect_timeout=10) as owner:
+        owner.execute("CREATE ROLE limited_verifier LOGIN")
+    try:
+        limited_url = postgres_database.replace(
+            f"//{postgres_server.user}@", "//limited_verifier@"
+        )
+        with pytest.raises(ConfigError) as caught:
+            PostgresDeviceRegistry(limited_url)
+        assert str(caught.value) == (
+            f"the PostgreSQL registry at {HOST}:{postgres_server.port}/{name} has no tables "
+            "devices, enrollment_tokens, device_certificates, pending_attestations, and this "
+            "user may not create them; create the database with CREATE DATABASE <name> OWNER "
+            "<this user>, or start once as its owner"
+        )
+
+        PostgresDeviceRegistry(postgres_database).close()
+        with psycopg.connect(postgres_database, autocommit=True, connect_timeout=10) as owner:
+            owner.execute(
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public "
+                "TO limited_verifier"
+            )
+        limited = PostgresDeviceRegistry(limited_url)
+        try:
+            limited.add_enrollment_token("t1", NOW, None)
+            stored, created = limited.enroll("t1", device_record("d" * 43), NOW)
+        finally:
+            limited.close()
+        assert created
+        assert stored.device_id == "d" * 43
+    finally:
+        with psycopg.connect(postgres_database, autocommit=True, connect_timeout=10) as owner:
+            owner.execute("REASSIGN OWNED BY limited_verifier TO CURRENT_USER")
+            owner.execute("DROP OWNED BY limited_verifier")
+            owner.execute("DROP ROLE limited_verifier")

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
+from fixtures_services import free_port
 from fixtures_verifier import (
     HTTP_CB,
     ISSUER,
@@ -21,7 +23,7 @@ from fixtures_verifier import (
 )
 
 from device_sdk.auth import Challenge, b64url_encode, build_assertion
-from device_sdk.errors import ConfigError, VerificationError
+from device_sdk.errors import ConfigError, StoreError, VerificationError
 from device_sdk.verifier import (
     ChallengeStore,
     MemoryChallengeStore,
@@ -30,6 +32,7 @@ from device_sdk.verifier import (
     SQLiteDeviceRegistry,
     Verifier,
 )
+from device_sdk.verifier.app import create_app
 from device_sdk.verifier.stores import (
     MAX_OUTSTANDING_CHALLENGES,
     SPENT_RETENTION,
@@ -127,6 +130,46 @@ def test_redis_url_with_password_rejected() -> None:
         "line; remove it and set REDISCLI_AUTH in the environment instead"
     )
     assert "hunter2" not in str(caught.value)
+
+
+def test_redis_url_password_parameter_rejected() -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_redis_url("redis://127.0.0.1:6379/0?password=hunter2")
+    assert "hunter2" not in str(caught.value)
+    assert str(caught.value).startswith("the Redis URL contains a password")
+
+
+def test_redis_down_raises_store_error(tmp_path: Path) -> None:
+    # Nothing listens on the port of a socket that was bound and closed again.
+    port = free_port()
+    store = RedisChallengeStore.from_url(f"redis://127.0.0.1:{port}/0")
+    try:
+        with pytest.raises(StoreError) as caught:
+            store.put(make_challenge(9001))
+    finally:
+        store.close()
+    message = str(caught.value)
+    assert message.startswith(f"Redis at 127.0.0.1:{port}/0 failed: ")
+    assert message.endswith(
+        "check that it runs, and that REDISCLI_AUTH holds its password if it needs one"
+    )
+
+
+def test_app_responds_503_while_redis_down(tmp_path: Path) -> None:
+    registry = SQLiteDeviceRegistry(tmp_path / "verifier.db")
+    challenges = RedisChallengeStore.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    verifier = Verifier(verifier_config(), registry=registry, challenges=challenges)
+    device = enroll(verifier)
+    try:
+        with TestClient(create_app(verifier)) as client:
+            response = client.post(
+                "/v1/challenges", json={"device_id": device.device_id, "audience": ISSUER}
+            )
+    finally:
+        verifier.close()
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json() == {"error": "unavailable"}
 
 
 def test_redis_password_from_environment(

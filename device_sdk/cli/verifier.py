@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from device_sdk.errors import ConfigError, VerificationError
+from device_sdk.errors import ConfigError, StoreError, VerificationError
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,8 @@ def _register_devices(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
     show = actions.add_parser("show", help="show one device record")
     _add_registry_options(show)
-    show.add_argument("device_id", help="the device id (43 base64url characters)")
+    show.add_argument("device_id",
+        help="the device id (43 base64url characters; write -- before an id that starts with -)")
     show.add_argument("--json", action="store_true", help="print one JSON object")
     show.set_defaults(handler=run_show_device)
 
@@ -226,7 +227,8 @@ def _register_devices(commands: argparse._SubParsersAction[argparse.ArgumentPars
         "revoke", help="revoke a device: no more challenges, logins or access tokens",
     )
     _add_registry_options(revoke)
-    revoke.add_argument("device_id", help="the device id (43 base64url characters)")
+    revoke.add_argument("device_id",
+        help="the device id (43 base64url characters; write -- before an id that starts with -)")
     revoke.add_argument(
         "--redis", metavar="URL",
         help="the Redis URL the servers use, so the device's pending challenges are purged "
@@ -354,7 +356,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from device_sdk.verifier.app import create_app
     from device_sdk.verifier.config import broker_name
     from device_sdk.verifier.core import Verifier
-    from device_sdk.verifier.stores import check_redis_url
+    from device_sdk.verifier.stores import RedisChallengeStore, check_redis_url
 
     config = build_config(args)
     server_settings = uvicorn_settings(args)
@@ -375,6 +377,13 @@ def run_serve(args: argparse.Namespace) -> int:
         device_ca_cert=args.device_ca_cert,
         device_ca_key=args.device_ca_key,
     )
+    if isinstance(verifier.challenges, RedisChallengeStore):
+        # Fail at start, with the reason, rather than with a 503 on every request.
+        try:
+            verifier.challenges.ping()
+        except StoreError:
+            verifier.close()
+            raise
     webhook_brokers = [
         address.strip() for address in args.broker_webhook_ips.split(",") if address.strip()
     ]
@@ -630,6 +639,18 @@ def run_revoke_device(args: argparse.Namespace) -> int:
             f"device {args.device_id} is not enrolled in {_registry_name(args)}; "
             "`device-sdk verifier devices list` shows the enrolled ones"
         ) from None
+    except StoreError as exc:
+        # The registry commits the revocation before the challenges are purged, so the message
+        # tells which part happened.
+        revoked = verifier.get_device(args.device_id)
+        if revoked is not None and not revoked.active:
+            raise StoreError(
+                f"device {args.device_id} is revoked in {_registry_name(args)}, but deleting "
+                f"its pending challenges failed: {exc} Run the revoke again once that is fixed; "
+                "until then its pending challenges are still refused, because the registry "
+                "says revoked"
+            ) from None
+        raise
     finally:
         verifier.close()
     if args.json:

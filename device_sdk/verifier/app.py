@@ -257,8 +257,8 @@ def create_app(
 
     @app.exception_handler(StoreError)
     async def store_failed(request: Request, exc: StoreError) -> Response:
-        # The registry database is down or the connection dropped. The next request of the
-        # thread reconnects, so the client may retry soon.
+        # The registry database or Redis is down, or the connection dropped. The next request
+        # connects again, so the client may retry soon.
         logger.error("%s %s failed: %s", request.method, request.url.path, exc)
         return JSONResponse(
             {"error": "unavailable"}, status_code=503, headers={"Retry-After": "1"}

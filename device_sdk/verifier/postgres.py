@@ -76,6 +76,8 @@ _REGISTRY_SCHEMA = (
     """,
 )
 
+_TABLES = ("devices", "enrollment_tokens", "device_certificates", "pending_attestations")
+
 _SELECT_DEVICES = (
     "SELECT device_id, algorithm, public_key_pem, status, backend, hardware_backed, enrolled_at, "
     "revoked_at, attested FROM devices"
@@ -164,7 +166,8 @@ class _ThreadConnections:
         except psycopg.OperationalError as exc:
             raise StoreError(
                 f"cannot connect to the PostgreSQL registry at {self.target}: "
-                f"{_first_line(exc)}; check that the server runs and accepts this user"
+                f"{_first_line(exc)}; check that the server runs and accepts this user, with "
+                "its password in PGPASSWORD, a PGPASSFILE or ~/.pgpass if it needs one"
             ) from exc
         self._local.connection = connection
         with self._lock:
@@ -208,11 +211,32 @@ class PostgresDeviceRegistry:
 
     def __init__(self, url: str) -> None:
         self._connections = _ThreadConnections(url)
-        with self._connection() as connection, connection.transaction():
-            connection.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
-            for statement in _REGISTRY_SCHEMA:
-                connection.execute(statement)
+        with self._connection() as connection:
+            # A role with only table privileges can run once the owner has created the tables,
+            # so CREATE runs only when one is missing.
+            missing = [
+                name
+                for name in _TABLES
+                if connection.execute("SELECT to_regclass(%s)", (name,)).fetchone() == (None,)
+            ]
+            if missing:
+                self._create_schema(connection, missing)
         logger.info("device registry opened in PostgreSQL at %s", self._connections.target)
+
+    def _create_schema(
+        self, connection: psycopg.Connection[tuple[Any, ...]], missing: list[str]
+    ) -> None:
+        try:
+            with connection.transaction():
+                connection.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+                for statement in _REGISTRY_SCHEMA:
+                    connection.execute(statement)
+        except psycopg.errors.InsufficientPrivilege:
+            raise ConfigError(
+                f"the PostgreSQL registry at {self._connections.target} has no tables "
+                f"{', '.join(missing)}, and this user may not create them; create the database "
+                "with CREATE DATABASE <name> OWNER <this user>, or start once as its owner"
+            ) from None
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
@@ -262,10 +286,13 @@ class PostgresDeviceRegistry:
         revoked_at = now if status == REVOKED else None
         with self._connection() as connection:
             row = connection.execute(
-                "UPDATE devices SET status = %s, revoked_at = %s WHERE device_id = %s "
+                # A second revocation keeps the time of the first.
+                "UPDATE devices SET status = %s, revoked_at = "
+                "CASE WHEN status = 'revoked' AND %s = 'revoked' THEN revoked_at ELSE %s END "
+                "WHERE device_id = %s "
                 "RETURNING device_id, algorithm, public_key_pem, status, backend, "
                 "hardware_backed, enrolled_at, revoked_at, attested",
-                (status, revoked_at, device_id),
+                (status, status, revoked_at, device_id),
             ).fetchone()
         return None if row is None else _record_from_row(row)
 

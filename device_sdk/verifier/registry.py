@@ -260,7 +260,10 @@ class SQLiteDeviceRegistry:
             raise ValueError(f"device status {status!r} is neither {ACTIVE!r} nor {REVOKED!r}")
         revoked_at = now if status == REVOKED else None
         self._connections.get().execute(
-            "UPDATE devices SET status = ?, revoked_at = ? WHERE device_id = ?",
+            # A second revocation keeps the time of the first.
+            "UPDATE devices SET status = ?1, revoked_at = "
+            "CASE WHEN status = 'revoked' AND ?1 = 'revoked' THEN revoked_at ELSE ?2 END "
+            "WHERE device_id = ?3",
             (status, revoked_at, device_id),
         )
         self._invalidate()

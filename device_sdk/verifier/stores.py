@@ -27,13 +27,14 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from device_sdk.auth.challenge import Challenge
-from device_sdk.errors import ConfigError
+from device_sdk.errors import ConfigError, StoreError
 from device_sdk.verifier.sqlite import ThreadConnections, open_connections
 
 if TYPE_CHECKING:
@@ -200,8 +201,8 @@ CREATE TABLE IF NOT EXISTS assertion_ids (
 """
 
 
-# Keep "an unconsumed challenge belongs to an active device" true at every commit, whoever
-# writes: this code with or without check_device_status, an older release, or SQL by hand.
+# Keep "an unconsumed challenge belongs to an active device" true at every commit, for every
+# writer: this code with or without check_device_status, an older release, or SQL by hand.
 # A challenge of a device that is not active is not inserted (RAISE(IGNORE) skips the row), and
 # a device that stops being active, changes its id or is deleted loses its pending challenges in
 # the same transaction. INSERT OR REPLACE of a device fires no delete trigger, so the insert
@@ -442,11 +443,19 @@ def check_redis_url(url: str) -> None:
         raise ConfigError(
             f"the Redis URL must start with redis://, rediss:// or unix://, got {parts.scheme!r}"
         )
-    if parts.password:
+    if parts.password or "password" in parse_qs(parts.query):
         raise ConfigError(
             "the Redis URL contains a password, which other local users can read on a command "
             f"line; remove it and set {REDIS_PASSWORD_ENV} in the environment instead"
         )
+
+
+def describe_redis_url(url: str) -> str:
+    """Return ``host:port/db`` (or the socket path) of a Redis URL, without user or password."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    return f"{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"
 
 
 class RedisChallengeStore:
@@ -466,8 +475,10 @@ class RedisChallengeStore:
         prefix: str = "device-sdk:",
         clock: Callable[[], float] = time.time,
         max_outstanding: int = MAX_OUTSTANDING_CHALLENGES,
+        name: str = "Redis",
     ) -> None:
         self._redis = client
+        self._name = name
         self._prefix = prefix
         self._clock = clock
         self._max_outstanding = max_outstanding
@@ -487,8 +498,29 @@ class RedisChallengeStore:
 
         password = os.environ.get(REDIS_PASSWORD_ENV)
         if password and not urlsplit(url).password:
-            return cls(redis.Redis.from_url(url, password=password), prefix=prefix)
-        return cls(redis.Redis.from_url(url), prefix=prefix)
+            client = redis.Redis.from_url(url, password=password)
+        else:
+            client = redis.Redis.from_url(url)
+        return cls(client, prefix=prefix, name=describe_redis_url(url))
+
+    @contextmanager
+    def _server_errors(self) -> Iterator[None]:
+        """Turn a failed or unreachable Redis into :class:`StoreError`, naming the server."""
+        import redis
+
+        try:
+            yield
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            # AuthenticationError is a ConnectionError. The message names no password.
+            raise StoreError(
+                f"Redis at {self._name} failed: {exc}; check that it runs, and that "
+                f"{REDIS_PASSWORD_ENV} holds its password if it needs one"
+            ) from exc
+
+    def ping(self) -> None:
+        """Send PING to Redis; raise :class:`StoreError` if it fails."""
+        with self._server_errors():
+            self._redis.ping()
 
     def _challenge_key(self, nonce: str) -> str:
         return f"{self._prefix}challenge:{nonce}"
@@ -501,30 +533,33 @@ class RedisChallengeStore:
 
     def put(self, challenge: Challenge) -> bool:
         value = json.dumps(challenge.to_json(), separators=(",", ":"))
-        self._put_script(
-            keys=[
-                self._challenge_key(challenge.nonce),
-                self._device_key(challenge.device_id),
-                f"{self._prefix}device-queue:{challenge.device_id}",
-            ],
-            args=[
-                value,
-                self._ttl(challenge.expires_at),
-                challenge.nonce,
-                self._max_outstanding,
-                f"{self._prefix}challenge:",
-            ],
-        )
+        with self._server_errors():
+            self._put_script(
+                keys=[
+                    self._challenge_key(challenge.nonce),
+                    self._device_key(challenge.device_id),
+                    f"{self._prefix}device-queue:{challenge.device_id}",
+                ],
+                args=[
+                    value,
+                    self._ttl(challenge.expires_at),
+                    challenge.nonce,
+                    self._max_outstanding,
+                    f"{self._prefix}challenge:",
+                ],
+            )
         return True
 
     def consume(self, nonce: str, device_id: str, audience: str, now: int) -> bool:
-        spent = self._consume_script(
-            keys=[self._challenge_key(nonce)], args=[device_id, audience, now]
-        )
+        with self._server_errors():
+            spent = self._consume_script(
+                keys=[self._challenge_key(nonce)], args=[device_id, audience, now]
+            )
         return bool(spent)
 
     def find(self, nonce: str) -> tuple[Challenge, bool] | None:
-        raw: Any = self._redis.get(self._challenge_key(nonce))
+        with self._server_errors():
+            raw: Any = self._redis.get(self._challenge_key(nonce))
         if raw is None:
             return None
         text = raw.decode("utf-8")
@@ -537,15 +572,17 @@ class RedisChallengeStore:
 
     def purge_device(self, device_id: str) -> int:
         # One script, so that a challenge consumed meanwhile keeps its spent marker.
-        purged: Any = self._purge_script(
-            keys=[self._device_key(device_id)], args=[f"{self._prefix}challenge:"]
-        )
+        with self._server_errors():
+            purged: Any = self._purge_script(
+                keys=[self._device_key(device_id)], args=[f"{self._prefix}challenge:"]
+            )
         return int(purged)
 
     def remember_jti(self, jti: str, expires_at: int) -> bool:
-        created = self._redis.set(
-            f"{self._prefix}jti:{jti}", "1", nx=True, ex=self._ttl(expires_at)
-        )
+        with self._server_errors():
+            created = self._redis.set(
+                f"{self._prefix}jti:{jti}", "1", nx=True, ex=self._ttl(expires_at)
+            )
         return bool(created)
 
     def close(self) -> None:
