@@ -44,6 +44,8 @@ async def _serve(args: argparse.Namespace) -> None:
         issuer=args.issuer,
         http_channel_bindings=http_bindings,
         broker_audiences={args.audience: broker_bindings},
+        # The demo publishes to devices/<its id>/demo, so it runs with the topic policy on.
+        device_topic_prefix="devices/{device_id}/",
     )
     verifier = Verifier.open(args.db, config)
     broker_settings = broker_config(

@@ -104,6 +104,11 @@ def _register_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser
         "use only by their jti (weaker; for brokers whose clients cannot fetch a challenge); "
         "repeatable",
     )
+    parser.add_argument(
+        "--device-topic-prefix", metavar="PREFIX",
+        help="the only MQTT topics a device may publish and subscribe to, through the broker "
+        "webhooks and the amqtt plugin, e.g. 'devices/{device_id}/' (default: any topic)",
+    )
 
     parser.add_argument(
         "--device-ca-cert", metavar="PEM",
@@ -300,6 +305,7 @@ def build_config(args: argparse.Namespace) -> Any:
         "http_channel_bindings": http_bindings,
         "broker_audiences": brokers,
         "nonceless_audiences": frozenset(args.nonceless_audience),
+        "device_topic_prefix": args.device_topic_prefix,
         "leeway": args.leeway,
         "access_token_lifetime": args.access_token_lifetime,
         "challenge_lifetime": args.challenge_lifetime,
@@ -641,7 +647,7 @@ def run_revoke_device(args: argparse.Namespace) -> int:
         ) from None
     except StoreError as exc:
         # The registry commits the revocation before the challenges are purged, so the message
-        # tells which part happened.
+        # names the part that happened.
         revoked = verifier.get_device(args.device_id)
         if revoked is not None and not revoked.active:
             raise StoreError(

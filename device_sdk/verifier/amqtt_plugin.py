@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 
 from device_sdk.errors import ConfigError, VerificationError
 from device_sdk.verifier.audit import log_decision
@@ -28,6 +28,7 @@ from device_sdk.verifier.core import Verifier
 logger = logging.getLogger(__name__)
 
 PLUGIN_PATH = "device_sdk.verifier.amqtt_plugin.VerifierAuthPlugin"
+TOPIC_PLUGIN_PATH = "device_sdk.verifier.amqtt_plugin.VerifierTopicPlugin"
 
 
 class VerifierAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
@@ -94,6 +95,46 @@ class VerifierAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
         return True
 
 
+class VerifierTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
+    """Allow a device only the topics of the verifier's ``device_topic_prefix``, if it has one."""
+
+    @dataclass
+    class Config:
+        """Plugin settings: ``verifier`` is the :class:`Verifier` whose topic policy applies."""
+
+        verifier: Any = None
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        verifier = getattr(self.config, "verifier", None)
+        if not isinstance(verifier, Verifier):
+            raise TypeError(
+                f"{TOPIC_PLUGIN_PATH} needs a Verifier object as its 'verifier' setting, got "
+                f"{type(verifier).__name__}; build the broker config with broker_config()"
+            )
+        self.verifier: Verifier = verifier
+
+    async def topic_filtering(
+        self, *, session: Any = None, topic: str | None = None, action: Any = None
+    ) -> bool:
+        """Return True if the session's device may publish, subscribe to or receive ``topic``."""
+        username = getattr(session, "username", None)
+        if not isinstance(username, str) or not isinstance(topic, str):
+            return False
+        allowed = self.verifier.config.topic_allowed(username, topic)
+        if not allowed:
+            log_decision(
+                "broker_topic",
+                "reject",
+                reason="wrong_topic",
+                device_id=username,
+                client_address=getattr(session, "remote_address", None),
+                topic=topic,
+                action=getattr(action, "value", action),
+            )
+        return allowed
+
+
 def broker_config(
     verifier: Verifier,
     *,
@@ -109,5 +150,6 @@ def broker_config(
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
         "plugins": {
             PLUGIN_PATH: {"verifier": verifier, "audience": audience},
+            TOPIC_PLUGIN_PATH: {"verifier": verifier},
         },
     }

@@ -49,6 +49,10 @@ EMQX_PATH = "/v1/broker/auth/emqx"
 # (config.broker_name): a login there must carry exactly that broker's aud.
 BROKER_RABBITMQ_PREFIX = "/v1/brokers/{broker}/auth/rabbitmq"
 BROKER_EMQX_PATH = "/v1/brokers/{broker}/auth/emqx"
+# EMQX's HTTP authorizer: may this client publish or subscribe to a topic?
+EMQX_AUTHZ_PATH = "/v1/broker/authz/emqx"
+BROKER_EMQX_AUTHZ_PATH = "/v1/brokers/{broker}/authz/emqx"
+_ROUTING_KEY_TO_TOPIC = str.maketrans({".": "/", "/": ".", "*": "+"})
 
 UNAUTHORIZED = {"error": "unauthorized"}
 RATE_LIMITED = {"error": "rate_limited"}
@@ -399,8 +403,8 @@ def register_broker_webhooks(
     The CONNECT username is the device id and the password a fresh assertion whose ``aud`` is one
     of the verifier's broker audiences. Under ``/v1/brokers/<host:port>/auth/`` the ``aud`` must be
     that broker's, so that one broker cannot replay a password it received at another. After
-    the login, RabbitMQ checks the virtual host, resources and topics, which are allowed for any
-    active device.
+    the login, RabbitMQ checks the virtual host, resources and topics, and EMQX's authorizer
+    topics. An active device may use every topic, or with ``device_topic_prefix`` its own only.
 
     NOTE: the webhooks take no credentials of their own, so anyone who can reach them can learn
     whether a device id is active. Expose them only to the broker (loopback or a private network).
@@ -446,6 +450,21 @@ def register_broker_webhooks(
             # Verifier.verify_assertion has already written the audit line with the reason.
             return False
         return True
+
+    def topic_permitted(username: str, topic: str, action: str, address: str | None) -> bool:
+        """Apply the verifier's device topic policy, and audit a topic it rejects."""
+        if verifier.config.topic_allowed(username, topic):
+            return True
+        log_decision(
+            "broker_topic",
+            "reject",
+            reason="wrong_topic",
+            device_id=username or None,
+            client_address=address,
+            topic=topic,
+            action=action,
+        )
+        return False
 
     async def device_is_active(username: str, event: str, address: str | None) -> bool:
         record = await call(verifier.get_device, username) if username else None
@@ -524,9 +543,9 @@ def register_broker_webhooks(
         vhost = require_string(form, "vhost")
         require_string(form, "resource")
         name = require_string(form, "name")
-        require_string(form, "permission")
+        permission = require_string(form, "permission")
+        routing_key = form.get("routing_key", "")
         address = client_address(request)
-        # NOTE: any active device may use any topic; there is no per-device topic policy yet.
         if vhost != rabbitmq_vhost or name != rabbitmq_exchange:
             log_decision(
                 "broker_topic",
@@ -538,7 +557,28 @@ def register_broker_webhooks(
                 name=name,
             )
             return allow(False)
+        # RabbitMQ's MQTT plugin swaps "/" and "." between MQTT topics and routing keys, and
+        # writes the "+" of a topic filter as "*".
+        topic = routing_key.translate(_ROUTING_KEY_TO_TOPIC)
+        if not topic_permitted(username, topic, permission, address):
+            return allow(False)
         return allow(await device_is_active(username, "broker_topic", address))
+
+    async def emqx_authz(request: Request) -> Response:
+        named_broker(request)
+        body: Mapping[str, Any]
+        if _media_type(request) == FORM_TYPE:
+            body = await read_form(request)
+        else:
+            body = await read_json_object(request)
+        username = require_string(body, "username")
+        topic = require_string(body, "topic")
+        action = require_string(body, "action")
+        address = client_address(request)
+        allowed = topic_permitted(username, topic, action, address) and await device_is_active(
+            username, "broker_topic", address
+        )
+        return JSONResponse({"result": "allow" if allowed else "deny"})
 
     async def emqx(request: Request) -> Response:
         named_broker(request)
@@ -576,3 +616,5 @@ def register_broker_webhooks(
             app.add_api_route(prefix + suffix, endpoint, methods=["POST"])
     for path in (EMQX_PATH, BROKER_EMQX_PATH):
         app.add_api_route(path, emqx, methods=["POST"])
+    for path in (EMQX_AUTHZ_PATH, BROKER_EMQX_AUTHZ_PATH):
+        app.add_api_route(path, emqx_authz, methods=["POST"])

@@ -74,6 +74,26 @@ def _check_audience_url(url: str, what: str) -> None:
         raise ConfigError(f"{what} {url!r} is not an absolute URL such as https://host:port")
 
 
+def _check_topic_prefix(prefix: str) -> None:
+    example = "devices/{device_id}/"
+    try:
+        filled = prefix.format(device_id="DEVICE")
+    except (KeyError, IndexError, ValueError):
+        raise ConfigError(
+            f"device topic prefix {prefix!r} may contain only the field {{device_id}}, "
+            f"as in {example}"
+        ) from None
+    if "{device_id}" not in prefix or not prefix.endswith("/"):
+        raise ConfigError(
+            f"device topic prefix {prefix!r} must contain {{device_id}} and end with '/', "
+            f"as in {example}"
+        )
+    if "+" in filled or "#" in filled or "\0" in filled:
+        raise ConfigError(
+            f"device topic prefix {prefix!r} contains an MQTT wildcard (+ or #) or NUL"
+        )
+
+
 def broker_name(url: str) -> str:
     """Return the name of a broker audience in webhook paths: its host and port, lower case.
 
@@ -102,6 +122,8 @@ class VerifierConfig:
     values of that broker's certificates. A non-TLS URL (``http:``, ``mqtt:``) takes an empty
     set, and its assertions must then carry no ``cb``. ``nonceless_audiences`` lists broker URLs
     that also accept the weaker assertions without a challenge nonce. A rate limit of None is off.
+    ``device_topic_prefix``, when set, is the only MQTT topic subtree a device may publish and
+    subscribe to, written with ``{device_id}``, for example ``devices/{device_id}/``.
     """
 
     issuer: str
@@ -124,6 +146,7 @@ class VerifierConfig:
     failure_limit_per_device: RateLimit | None = RateLimit(capacity=10, per_second=1 / 30)
     failure_limit_per_address: RateLimit | None = RateLimit(capacity=30, per_second=1.0)
     nonceless_audiences: frozenset[str] = frozenset()
+    device_topic_prefix: str | None = None
     # TPM attestation at enrollment: trusted EK CAs (ek_certificates_from_pem), and whether a
     # device without an attested key is rejected with reason attestation_required.
     ek_roots: tuple[x509.Certificate, ...] = ()
@@ -157,6 +180,8 @@ class VerifierConfig:
                     "broker its own host and port"
                 )
 
+        if self.device_topic_prefix is not None:
+            _check_topic_prefix(self.device_topic_prefix)
         unknown = self.nonceless_audiences - set(self.broker_audiences)
         if unknown:
             raise ConfigError(f"nonceless audiences {sorted(unknown)} are not broker audiences")
@@ -203,6 +228,17 @@ class VerifierConfig:
         if audience == self.issuer:
             return self.http_channel_bindings
         return self.broker_audiences.get(audience)
+
+    def topic_allowed(self, device_id: str, topic: str) -> bool:
+        """Tell whether a device may publish to ``topic`` or subscribe to it as a filter.
+
+        Without ``device_topic_prefix`` every topic is allowed. With it, the topic must start
+        with the prefix filled in with ``device_id``. A device id has no ``+``, ``#`` or ``/``,
+        so a filter that starts with the filled-in prefix matches only topics below it.
+        """
+        if self.device_topic_prefix is None:
+            return True
+        return topic.startswith(self.device_topic_prefix.format(device_id=device_id))
 
     def broker_audience_named(self, name: str) -> str | None:
         """Return the broker audience whose :func:`broker_name` is ``name``, or None."""
