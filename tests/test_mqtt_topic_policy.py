@@ -35,6 +35,8 @@ pytestmark = pytest.mark.slow
 PREFIX = "devices/{device_id}/"
 RABBITMQ_WEBHOOK_PATH = "/v1/broker/auth/rabbitmq"
 SUBACK_FAILURE = 128
+# paho 2 reports MQTT 3.1.1 CONNACK code 5 as reason code 135.
+NOT_AUTHORIZED = 135
 AUDIT_LOGGER = "device_sdk.verifier.audit"
 
 
@@ -59,15 +61,34 @@ def test_topic_allowed(topic: str, allowed: bool) -> None:
 def test_no_prefix_allows_any_topic() -> None:
     config = VerifierConfig(issuer="http://127.0.0.1:8080")
     assert config.topic_allowed("D", "#")
+    assert config.client_id_allowed("D", "any-client")
+
+
+@pytest.mark.parametrize(
+    ("client_id", "allowed"),
+    [("D", True), ("D-sensor", True), ("E", False), ("", False), (None, False)],
+)
+def test_client_id_must_start_with_device_id(client_id: str | None, allowed: bool) -> None:
+    config = VerifierConfig(issuer="http://127.0.0.1:8080", device_topic_prefix=PREFIX)
+    assert config.client_id_allowed("D", client_id) is allowed
 
 
 @pytest.mark.parametrize(
     ("prefix", "message"),
     [
-        ("devices/", "must contain {device_id} and end with '/'"),
-        ("devices/{device_id}", "must contain {device_id} and end with '/'"),
-        ("devices/{id}/", "may contain only the field {device_id}"),
-        ("+/{device_id}/", "contains an MQTT wildcard (+ or #) or NUL"),
+        ("devices/", "must contain the field {device_id}, with no other field"),
+        ("devices/{id}/", "must contain the field {device_id}, with no other field"),
+        ("devices/{{device_id}}/", "must contain the field {device_id}, with no other field"),
+        ("devices/{device_id[3]}/", "must contain the field {device_id}, with no other field"),
+        ("devices/{device_id.upper}/", "must contain the field {device_id}, with no other field"),
+        ("d/{device_id}{device_id:>50}/", "must contain the field {device_id}, with no other"),
+        ("devices/{device_id!r}/", "must contain the field {device_id}, with no other field"),
+        ("devices/{device_id", "must contain the field {device_id}, with no other field"),
+        ("devices/}}/{device_id}/", "contains a literal brace"),
+        ("devices/{device_id}", "must end with '/'"),
+        ("+/{device_id}/", "starts with '$' or contains an MQTT wildcard"),
+        ("$SYS/{device_id}/", "starts with '$' or contains an MQTT wildcard"),
+        ("a\x01/{device_id}/", "starts with '$' or contains an MQTT wildcard"),
     ],
 )
 def test_invalid_prefix_rejected(prefix: str, message: str) -> None:
@@ -111,6 +132,28 @@ def test_rabbitmq_topic_check(
         "missing": "deny",
     }
     assert f"reason=wrong_topic device_id={device.device_id}" in caplog.text
+
+
+def test_rabbitmq_login_with_other_client_id_denied(
+    policy_verifier: Verifier, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = enroll(policy_verifier)
+    victim = enroll(policy_verifier)
+    challenge = Challenge.from_json(policy_verifier.issue_challenge(device.device_id, PLAIN_BROKER))
+    password = build_assertion(device.key, challenge, channel_binding=None)
+    form = {"username": device.device_id, "password": password, "vhost": "/"}
+    with TestClient(create_app(policy_verifier)) as broker:
+        takeover = broker.post(
+            RABBITMQ_WEBHOOK_PATH + "/user", data={**form, "client_id": victim.device_id}
+        )
+        own = broker.post(
+            RABBITMQ_WEBHOOK_PATH + "/user", data={**form, "client_id": device.device_id}
+        )
+
+    assert takeover.text == "deny"
+    assert f"reason=wrong_client_id device_id={device.device_id}" in caplog.text
+    # The refusal came before the password check, so the nonce was still there to spend.
+    assert own.text == "allow"
 
 
 def test_emqx_authorizer(policy_verifier: Verifier) -> None:
@@ -170,8 +213,8 @@ def subscribe_and_publish(
 ) -> tuple[list[int], list[str]]:
     """Subscribe to ``own``/# and ``other``/#, publish to other then own; return SUBACK codes
     and the topics received once the message to ``own`` has arrived."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"topic-{uuid.uuid4().hex[:8]}",
-                         protocol=mqtt.MQTTv311)
+    client_id = f"{username}-{uuid.uuid4().hex[:8]}"
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
     client.username_pw_set(username, password)
     connected: queue.Queue[int] = queue.Queue()
     subacks: queue.Queue[list[int]] = queue.Queue()
@@ -213,6 +256,52 @@ def test_amqtt_device_limited_to_own_topics(policy_verifier: Verifier) -> None:
     assert topics == [f"devices/{device.device_id}/x"]
 
 
+def connack_code(
+    port: int, username: str, password: str, client_id: str, will_topic: str | None = None
+) -> int:
+    """CONNECT with plain paho and return the CONNACK reason code value."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+    client.username_pw_set(username, password)
+    if will_topic is not None:
+        client.will_set(will_topic, b"gone", qos=1, retain=True)
+    codes: queue.Queue[int] = queue.Queue()
+    client.on_connect = lambda _c, _u, _f, reason, _p: codes.put(reason.value)
+    client.connect(HOST, port)
+    client.loop_start()
+    try:
+        return codes.get(timeout=15)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@pytest.mark.parametrize(
+    "case", ["other-client-id", "will-outside", "own"]
+)
+def test_amqtt_connect_checks(
+    policy_verifier: Verifier, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    device = enroll(policy_verifier)
+    victim = enroll(policy_verifier)
+    challenge = Challenge.from_json(policy_verifier.issue_challenge(device.device_id, PLAIN_BROKER))
+    password = build_assertion(device.key, challenge, channel_binding=None)
+    client_id = victim.device_id if case == "other-client-id" else device.device_id
+    will = f"devices/{victim.device_id}/cmd" if case == "will-outside" else None
+    broker = AmqttBroker(policy_verifier)
+    try:
+        code = connack_code(broker.port, device.device_id, password, client_id, will)
+    finally:
+        broker.stop()
+
+    expected = {"other-client-id": (NOT_AUTHORIZED, "reason=wrong_client_id"),
+                "will-outside": (NOT_AUTHORIZED, "reason=wrong_topic"),
+                "own": (0, None)}[case]
+    assert code == expected[0]
+    if expected[1] is not None:
+        assert f"{expected[1]} device_id={device.device_id}" in caplog.text
+
+
 # RabbitMQ, through the HTTP auth backend
 
 
@@ -248,7 +337,7 @@ def test_rabbitmq_device_limited_to_own_topics(
         flow.send(response.json())
     password = str(done.value.value)
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"topic-{uuid.uuid4().hex[:8]}",
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id,
                          reconnect_on_failure=False)
     client.username_pw_set(device_id, password)
     connected: queue.Queue[int] = queue.Queue()

@@ -107,7 +107,8 @@ def _register_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument(
         "--device-topic-prefix", metavar="PREFIX",
         help="the only MQTT topics a device may publish and subscribe to, through the broker "
-        "webhooks and the amqtt plugin, e.g. 'devices/{device_id}/' (default: any topic)",
+        "webhooks and the amqtt plugin, e.g. 'devices/{device_id}/'; the MQTT client id must "
+        "then start with the device id (default: any topic and client id)",
     )
 
     parser.add_argument(

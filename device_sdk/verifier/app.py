@@ -432,10 +432,23 @@ def register_broker_webhooks(
         request: Request,
         username: str,
         password: str,
+        client_id: str | None,
         address: str | None,
         *,
         limit_address: bool,
     ) -> bool:
+        # Checked first, so that a refused client id spends no nonce.
+        if not verifier.config.client_id_allowed(username, client_id):
+            log_decision(
+                "assertion",
+                "reject",
+                reason="wrong_client_id",
+                device_id=username or None,
+                client_address=address,
+                detail="the MQTT client id does not start with the device id",
+                kind="mqtt",
+            )
+            return False
         try:
             await call(
                 verifier.verify_assertion,
@@ -485,7 +498,12 @@ def register_broker_webhooks(
         # whose failure budget all its devices would share: no per-address limit then.
         return allow(
             await check_login(
-                request, username, password, client_address(request), limit_address=False
+                request,
+                username,
+                password,
+                form.get("client_id"),
+                client_address(request),
+                limit_address=False,
             )
         )
 
@@ -596,10 +614,16 @@ def register_broker_webhooks(
         caller = client_address(request)
         peer = body.get("peerhost")
         from_trusted_broker = caller in trusted_brokers
+        client_id = body.get("clientid")
+        client_id = client_id if isinstance(client_id, str) else None
         if isinstance(peer, str) and peer and from_trusted_broker:
-            allowed = await check_login(request, username, password, peer, limit_address=True)
+            allowed = await check_login(
+                request, username, password, client_id, peer, limit_address=True
+            )
         else:
-            allowed = await check_login(request, username, password, caller, limit_address=False)
+            allowed = await check_login(
+                request, username, password, client_id, caller, limit_address=False
+            )
         answer: dict[str, Any] = {"result": "allow" if allowed else "deny"}
         if allowed:
             answer["is_superuser"] = False

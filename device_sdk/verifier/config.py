@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,22 +76,29 @@ def _check_audience_url(url: str, what: str) -> None:
 
 
 def _check_topic_prefix(prefix: str) -> None:
+    """Raise :class:`ConfigError` unless ``prefix`` is a topic subtree with plain {device_id}."""
     example = "devices/{device_id}/"
     try:
-        filled = prefix.format(device_id="DEVICE")
-    except (KeyError, IndexError, ValueError):
+        parts = list(string.Formatter().parse(prefix))
+    except ValueError:
+        parts = [("", "?", None, None)]
+    fields = [(name, spec, conversion) for _, name, spec, conversion in parts if name is not None]
+    literal = "".join(text for text, _, _, _ in parts)
+    if not fields or any(field != ("device_id", "", None) for field in fields):
         raise ConfigError(
-            f"device topic prefix {prefix!r} may contain only the field {{device_id}}, "
-            f"as in {example}"
-        ) from None
-    if "{device_id}" not in prefix or not prefix.endswith("/"):
-        raise ConfigError(
-            f"device topic prefix {prefix!r} must contain {{device_id}} and end with '/', "
-            f"as in {example}"
+            f"device topic prefix {prefix!r} must contain the field {{device_id}}, with no "
+            f"other field, index, conversion or format, as in {example}"
         )
-    if "+" in filled or "#" in filled or "\0" in filled:
+    if "{" in literal or "}" in literal:
+        raise ConfigError(f"device topic prefix {prefix!r} contains a literal brace")
+    if not prefix.endswith("/"):
+        raise ConfigError(f"device topic prefix {prefix!r} must end with '/', as in {example}")
+    if prefix.startswith("$") or any(char in literal for char in "+#") or any(
+        ord(char) < 0x20 or ord(char) == 0x7F for char in literal
+    ):
         raise ConfigError(
-            f"device topic prefix {prefix!r} contains an MQTT wildcard (+ or #) or NUL"
+            f"device topic prefix {prefix!r} starts with '$' or contains an MQTT wildcard "
+            "(+ or #) or a control character"
         )
 
 
@@ -123,7 +131,9 @@ class VerifierConfig:
     set, and its assertions must then carry no ``cb``. ``nonceless_audiences`` lists broker URLs
     that also accept the weaker assertions without a challenge nonce. A rate limit of None is off.
     ``device_topic_prefix``, when set, is the only MQTT topic subtree a device may publish and
-    subscribe to, written with ``{device_id}``, for example ``devices/{device_id}/``.
+    subscribe to, written with ``{device_id}``, for example ``devices/{device_id}/``. The MQTT
+    client id of a device must then start with its device id, so that no device can take over
+    another one's persistent session and read the messages queued for it.
     """
 
     issuer: str
@@ -239,6 +249,17 @@ class VerifierConfig:
         if self.device_topic_prefix is None:
             return True
         return topic.startswith(self.device_topic_prefix.format(device_id=device_id))
+
+    def client_id_allowed(self, device_id: str, client_id: str | None) -> bool:
+        """Tell whether a device may connect with this MQTT client id.
+
+        Without ``device_topic_prefix`` any client id is allowed. With it, the client id must
+        start with the device id. Device ids all have 43 characters, so a client id that starts
+        with one device's id can never equal one that starts with another's.
+        """
+        if self.device_topic_prefix is None:
+            return True
+        return isinstance(client_id, str) and client_id.startswith(device_id)
 
     def broker_audience_named(self, name: str) -> str | None:
         """Return the broker audience whose :func:`broker_name` is ``name``, or None."""
