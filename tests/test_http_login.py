@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fixtures_login import InterceptingProxy, VerifierServer, serve_verifier
 from fixtures_services import TestPKI, UvicornFactory
 
-from device_sdk.errors import LoginError
+from device_sdk.errors import LoginError, TransportError
 from device_sdk.http import DeviceAuth, DeviceRequestsAuth
 from device_sdk.http.httpx_auth import TokenCache
 
@@ -164,19 +164,20 @@ def test_httpx_async_concurrent_first_requests_log_in_once(
 def test_httpx_async_auth_reused_in_new_event_loop(
     https_verifier: VerifierServer, device_key: Any, test_pki: TestPKI
 ) -> None:
-    # The login lock of the first loop must not be used, or block, in the second.
+    # An asyncio.Lock binds to the loop of its first contended use, so each loop must get its
+    # own login lock: the requests below contend for it in two loops one after the other.
     https_verifier.enroll(device_key)
     auth = DeviceAuth(device_key, https_verifier.url)
 
-    async def call() -> int:
-        # An empty cache, so that each loop logs in and takes its login lock.
+    async def call() -> list[int]:
+        # An empty cache, so that each loop logs in and its requests wait for the login lock.
         auth.tokens = TokenCache()
         async with httpx.AsyncClient(auth=auth, verify=test_pki.client_ssl_context()) as client:
-            response = await client.get(whoami_url(https_verifier))
-            return response.status_code
+            calls = [client.get(whoami_url(https_verifier)) for _ in range(CONCURRENT_REQUESTS)]
+            return [response.status_code for response in await asyncio.gather(*calls)]
 
-    assert asyncio.run(call()) == 200
-    assert asyncio.run(call()) == 200
+    assert asyncio.run(call()) == [200] * CONCURRENT_REQUESTS
+    assert asyncio.run(call()) == [200] * CONCURRENT_REQUESTS
     assert auth.logins == 2
 
 
@@ -227,8 +228,10 @@ class CountingLock:
         return self._lock.locked()
 
 
-def test_httpx_waiters_share_failed_login() -> None:
-    # A rate-limited verifier gets one login attempt, not one per waiting request.
+@pytest.mark.parametrize("failure", ["429", "connection refused"])
+def test_httpx_waiters_share_failed_login(failure: str) -> None:
+    # A verifier that is down or rate limiting gets one login attempt, not one per waiting
+    # request.
     auth = DeviceAuth(ec.generate_private_key(ec.SECP256R1()), "http://127.0.0.1:9")
     lock = CountingLock()
     auth._thread_login_lock = lock  # type: ignore[assignment]
@@ -239,14 +242,16 @@ def test_httpx_waiters_share_failed_login() -> None:
         deadline = time.monotonic() + 30
         while lock.waiting < CONCURRENT_REQUESTS - 1 and time.monotonic() < deadline:
             time.sleep(0.01)
-        return httpx.Response(429, headers={"Retry-After": "7"}, text="slow down")
+        if failure == "429":
+            return httpx.Response(429, headers={"Retry-After": "7"}, text="slow down")
+        raise httpx.ConnectError("connection refused", request=request)
 
     with httpx.Client(auth=auth, transport=httpx.MockTransport(verifier)) as client:
 
-        def call(_: int) -> BaseException | None:
+        def call(_: int) -> Exception | None:
             try:
                 client.get("http://127.0.0.1:9/v1/whoami")
-            except LoginError as exc:
+            except (LoginError, TransportError, httpx.TransportError) as exc:
                 return exc
             return None
 
@@ -254,9 +259,13 @@ def test_httpx_waiters_share_failed_login() -> None:
             errors = list(pool.map(call, range(CONCURRENT_REQUESTS)))
 
     assert challenge_requests == ["/v1/challenges"]
-    assert [type(error) for error in errors] == [LoginError] * CONCURRENT_REQUESTS
-    assert {error.retry_after for error in errors if isinstance(error, LoginError)} == {7.0}
     assert not lock.locked()
+    if failure == "429":
+        assert [type(error) for error in errors] == [LoginError] * CONCURRENT_REQUESTS
+        assert {error.retry_after for error in errors if isinstance(error, LoginError)} == {7.0}
+    else:
+        kinds = sorted(type(error).__name__ for error in errors)
+        assert kinds == ["ConnectError"] + ["TransportError"] * (CONCURRENT_REQUESTS - 1)
 
 
 def test_httpx_hung_verifier_times_out() -> None:

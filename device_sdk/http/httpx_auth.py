@@ -38,6 +38,7 @@ from device_sdk.auth.assertion import PrivateKey
 from device_sdk.auth.encoding import loads_json_object
 from device_sdk.auth.flows import TOKEN_PATH
 from device_sdk.auth.origins import origin_of, token_origins
+from device_sdk.errors import TransportError
 from device_sdk.http.tls import httpx_peer_certificate
 
 logger = logging.getLogger(__name__)
@@ -186,6 +187,9 @@ class DeviceAuth(httpx.Auth):
                 except StopIteration:
                     break
         finally:
+            # Close the steps while still holding the lock, so that a login cut short (httpx
+            # closes this flow when a request fails) is recorded before the next one starts.
+            steps.close()
             if holding_lock:
                 self._thread_login_lock.release()
 
@@ -220,6 +224,7 @@ class DeviceAuth(httpx.Auth):
                 except StopIteration:
                     break
         finally:
+            steps.close()
             if holding_lock and lock is not None:
                 lock.release()
 
@@ -301,10 +306,20 @@ class DeviceAuth(httpx.Auth):
                 raise failed
             try:
                 token = yield from self._login(request.extensions.get("timeout"))
-            except BaseException as exc:
-                # A cancelled login (GeneratorExit, CancelledError) is no failure of the
-                # verifier, so waiting requests try again then.
-                self._last_login_error = exc if isinstance(exc, Exception) else None
+            except GeneratorExit:
+                # httpx closes the flow when a login request fails (a connection error or a
+                # timeout) without passing the error in, and also when the request is
+                # cancelled. Either way the waiting requests fail now rather than wait for the
+                # same verifier in turn.
+                self._last_login_error = TransportError(
+                    f"a concurrent login to {self.verifier_url} through this DeviceAuth ended "
+                    "without a token (the verifier did not respond, or that request was "
+                    "cancelled); retry the request"
+                )
+                self._logins_finished += 1
+                raise
+            except Exception as exc:
+                self._last_login_error = exc
                 self._logins_finished += 1
                 raise
             self._last_login_error = None
