@@ -822,3 +822,15 @@ def test_role_without_create_privilege(postgres_server: Postgres, postgres_datab
             owner.execute("REASSIGN OWNED BY limited_verifier TO CURRENT_USER")
             owner.execute("DROP OWNED BY limited_verifier")
             owner.execute("DROP ROLE limited_verifier")
+
+
+def test_registry_connections_have_timeouts(postgres_database: str) -> None:
+    registry = PostgresDeviceRegistry(postgres_database)
+    try:
+        with registry._connection() as connection:
+            statement_timeout = connection.execute("SHOW statement_timeout").fetchone()
+            user_timeout = connection.info.get_parameters().get("tcp_user_timeout")
+    finally:
+        registry.close()
+    assert statement_timeout == ("10s",)
+    assert user_timeout == "10000"

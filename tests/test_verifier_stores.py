@@ -139,6 +139,28 @@ def test_redis_url_password_parameter_rejected() -> None:
     assert str(caught.value).startswith("the Redis URL contains a password")
 
 
+def test_redis_old_spent_marker_read_as_spent(redis_client: Any) -> None:
+    # Versions up to commit cec9bcb marked a spent challenge with an empty value.
+    store = RedisChallengeStore(redis_client, prefix="old-marker:")
+    challenge = make_challenge(9002)
+    redis_client.set(f"old-marker:challenge:{challenge.nonce}", "", ex=60)
+
+    assert not consume(store, challenge)
+    found = store.find(challenge.nonce)
+    assert found is not None
+    assert found[1] is True
+
+
+def test_redis_store_has_timeouts(redis_server: Any) -> None:
+    store = RedisChallengeStore.from_url(redis_server.url)
+    try:
+        kwargs = store._redis.connection_pool.connection_kwargs
+    finally:
+        store.close()
+    assert kwargs["socket_timeout"] == 10
+    assert kwargs["socket_connect_timeout"] == 10
+
+
 def test_redis_down_raises_store_error(tmp_path: Path) -> None:
     # Nothing listens on the port of a socket that was bound and closed again.
     port = free_port()

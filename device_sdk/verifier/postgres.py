@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10
 """Seconds to wait for a connection to the PostgreSQL server before failing."""
 
+STATEMENT_TIMEOUT_MS = 10_000
+"""Milliseconds a statement may run, and unacknowledged data may wait, before the call fails."""
+
 # Key of the transaction-level advisory lock held while the schema is created, so that
 # processes opening the same database at once do not both try to create a table. Without it,
 # concurrent CREATE TABLE IF NOT EXISTS of one name failed with a unique violation on
@@ -143,6 +146,14 @@ class _ThreadConnections:
     def __init__(self, url: str) -> None:
         self.url = url
         self.target = describe_postgres_url(url)
+        # Defaults for what the URL leaves out: a statement that runs too long is cancelled by
+        # the server, and a server that stops acknowledging data fails the call on this side.
+        given = conninfo_to_dict(url)
+        self._options: dict[str, Any] = {}
+        if "options" not in given:
+            self._options["options"] = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
+        if "tcp_user_timeout" not in given:
+            self._options["tcp_user_timeout"] = STATEMENT_TIMEOUT_MS
         self._local = threading.local()
         self._all: set[psycopg.Connection[tuple[Any, ...]]] = set()
         self._lock = threading.Lock()
@@ -161,7 +172,7 @@ class _ThreadConnections:
 
         try:
             connection = psycopg.connect(
-                self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
+                self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, **self._options
             )
         except psycopg.OperationalError as exc:
             raise StoreError(
@@ -211,6 +222,14 @@ class PostgresDeviceRegistry:
 
     def __init__(self, url: str) -> None:
         self._connections = _ThreadConnections(url)
+        try:
+            self._open_schema()
+        except BaseException:
+            self._connections.close()
+            raise
+        logger.info("device registry opened in PostgreSQL at %s", self._connections.target)
+
+    def _open_schema(self) -> None:
         with self._connection() as connection:
             # A role with only table privileges can run once the owner has created the tables,
             # so CREATE runs only when one is missing.
@@ -221,7 +240,6 @@ class PostgresDeviceRegistry:
             ]
             if missing:
                 self._create_schema(connection, missing)
-        logger.info("device registry opened in PostgreSQL at %s", self._connections.target)
 
     def _create_schema(
         self, connection: psycopg.Connection[tuple[Any, ...]], missing: list[str]
@@ -244,10 +262,15 @@ class PostgresDeviceRegistry:
         connection = self._connections.get()
         try:
             yield connection
-        except psycopg.OperationalError as exc:
+        except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as exc:
             # A broken connection cannot run anything more: drop it, so the next call opens a
-            # new one. Any other error leaves the connection usable, as it was.
-            reconnect = connection.broken or connection.closed
+            # new one. Any other error leaves the connection usable, as it was. A read-only
+            # transaction means a standby answered, as during a failover.
+            reconnect = (
+                connection.broken
+                or connection.closed
+                or isinstance(exc, psycopg.errors.ReadOnlySqlTransaction)
+            )
             if reconnect:
                 self._connections.discard()
             logger.warning(

@@ -368,7 +368,9 @@ class SQLiteChallengeStore:
 
 
 # A challenge key contains the challenge's JSON. Consuming it prefixes the value with _SPENT,
-# which marks it spent and keeps the challenge readable for find().
+# which marks it spent and keeps the challenge readable for find(). Versions up to commit
+# cec9bcb marked a spent key with an empty value, which the scripts and find() also read as
+# spent.
 _SPENT = "!"
 
 # Stores a challenge and queues its nonce for its device. Beyond ARGV[4] queued nonces, the oldest
@@ -387,7 +389,7 @@ while redis.call('LLEN', KEYS[3]) > tonumber(ARGV[4]) do
     redis.call('SREM', KEYS[2], nonce)
     local key = ARGV[5] .. nonce
     local value = redis.call('GET', key)
-    if value and string.sub(value, 1, 1) ~= '!' then
+    if value and value ~= '' and string.sub(value, 1, 1) ~= '!' then
         redis.call('DEL', key)
         dropped = dropped + 1
     end
@@ -403,7 +405,7 @@ local purged = 0
 for _, nonce in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     local key = ARGV[1] .. nonce
     local value = redis.call('GET', key)
-    if value and string.sub(value, 1, 1) ~= '!' then
+    if value and value ~= '' and string.sub(value, 1, 1) ~= '!' then
         redis.call('DEL', key)
         purged = purged + 1
     end
@@ -416,7 +418,7 @@ return purged
 # at ARGV[3]. It is one script, so no other client runs between the check and the write.
 _CONSUME_SCRIPT = """
 local value = redis.call('GET', KEYS[1])
-if not value or string.sub(value, 1, 1) == '!' then
+if not value or value == '' or string.sub(value, 1, 1) == '!' then
     return 0
 end
 local challenge = cjson.decode(value)
@@ -428,6 +430,9 @@ redis.call('SET', KEYS[1], '!' .. value, 'KEEPTTL')
 return 1
 """
 
+
+REDIS_TIMEOUT_S = 10
+"""Seconds a Redis connection or command may take before it fails with StoreError."""
 
 REDIS_PASSWORD_ENV = "REDISCLI_AUTH"  # noqa: S105 - the name of a variable, not a password
 """Environment variable with the Redis password, the one ``redis-cli`` reads too."""
@@ -496,11 +501,15 @@ class RedisChallengeStore:
         """
         import redis
 
+        # Defaults only: options in the URL's query win over these keyword arguments.
+        options: dict[str, Any] = {
+            "socket_timeout": REDIS_TIMEOUT_S,
+            "socket_connect_timeout": REDIS_TIMEOUT_S,
+        }
         password = os.environ.get(REDIS_PASSWORD_ENV)
         if password and not urlsplit(url).password:
-            client = redis.Redis.from_url(url, password=password)
-        else:
-            client = redis.Redis.from_url(url)
+            options["password"] = password
+        client = redis.Redis.from_url(url, **options)
         return cls(client, prefix=prefix, name=describe_redis_url(url))
 
     @contextmanager
@@ -510,8 +519,13 @@ class RedisChallengeStore:
 
         try:
             yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            # AuthenticationError is a ConnectionError. The message names no password.
+        except (
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            redis.exceptions.ReadOnlyError,
+        ) as exc:
+            # AuthenticationError is a ConnectionError, and ReadOnlyError comes from a replica
+            # during a failover. The messages name no password.
             raise StoreError(
                 f"Redis at {self._name} failed: {exc}; check that it runs, and that "
                 f"{REDIS_PASSWORD_ENV} holds its password if it needs one"
@@ -563,6 +577,9 @@ class RedisChallengeStore:
         if raw is None:
             return None
         text = raw.decode("utf-8")
+        if not text:
+            # An older spent marker, without the challenge: only "consumed" is known.
+            return Challenge(nonce, "", "", 0, 0), True
         consumed = text.startswith(_SPENT)
         data = json.loads(text[len(_SPENT) :] if consumed else text)
         challenge = Challenge(
