@@ -438,12 +438,33 @@ def test_revocation_seen_by_other_verifier(two_verifiers: tuple[Verifier, Verifi
     )
     with pytest.raises(VerificationError) as caught:
         second.verify_assertion(pending, audience_kind="http")
-    # The registry is read before the nonce, and the revocation is committed there.
+    # The revocation also purged the challenge; the status read reports the cause.
     assert caught.value.reason == "revoked_device"
     assert reason_of(second.verify_access_token, access_token) == "revoked_device"
     record = second.get_device(device.device_id)
     assert record is not None
     assert record.status == "revoked"
+
+
+def test_status_only_revocation_after_key_cached_rejected(
+    two_verifiers: tuple[Verifier, Verifier], postgres_database: str
+) -> None:
+    # The revocation commits after the verifier cached the device's key and before it spends
+    # the nonce, and it leaves the challenge in Redis: the status read after the spend sees it.
+    first, second = two_verifiers
+    device = enroll(first)
+    second.verify_assertion(http_assertion(second, device), audience_kind="http")
+    pending = http_assertion(second, device)
+
+    with psycopg.connect(postgres_database, autocommit=True, connect_timeout=10) as other:
+        other.execute(
+            "UPDATE devices SET status = 'revoked', revoked_at = 1 WHERE device_id = %s",
+            (device.device_id,),
+        )
+
+    with pytest.raises(VerificationError) as caught:
+        second.verify_assertion(pending, audience_kind="http")
+    assert caught.value.reason == "revoked_device"
 
 
 def test_replicas_share_signing_key_and_challenges(

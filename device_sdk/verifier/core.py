@@ -463,13 +463,10 @@ class Verifier:
                     "rate_limited", "too many failed assertions for this device", retry_after=wait
                 )
 
-        # When a successful nonce consume proves the device active, the registry need not be
-        # read now, because a revocation this cache missed makes the consume fail. An assertion
-        # without a nonce spends only its jti, which proves nothing about the device.
-        proven_by_consume = (
-            self.challenges.checks_device_status and claims.get("nonce") is not None
-        )
-        record = self._active_record(device_id, unconfirmed=proven_by_consume)
+        # The key and algorithm of a device never change, so a cached record serves the
+        # signature check. Whether the device is still active is settled after the nonce or jti
+        # is spent (below), so that a revocation committed before the spend is never missed.
+        record = self._active_record(device_id, unconfirmed=True)
         if algorithm != record.algorithm:
             raise VerificationError(
                 "algorithm_mismatch", f"alg {algorithm} but the device enrolled {record.algorithm}"
@@ -494,6 +491,10 @@ class Verifier:
             self._spend_jti(claims["jti"], audience, claims["iat"], claims["exp"])
         else:
             self._consume_nonce(nonce, device_id, audience, now)
+        # A successful consume in a store that checks device status proves the device active
+        # at that moment. A jti, or another store, proves nothing about it: read the registry.
+        if nonce is None or not self.challenges.checks_device_status:
+            record = self._active_record(device_id)
 
         return VerifiedAssertion(
             device_id=device_id,
@@ -621,9 +622,9 @@ class Verifier:
     def _consume_nonce(self, nonce: str, device_id: str, audience: str, now: int) -> None:
         if self.challenges.consume(nonce, device_id, audience, now):
             return
-        # The store left the challenge as it was; find out why, for the reason code.
-        if self.challenges.checks_device_status:
-            self._active_record(device_id)
+        # The store left the challenge as it was; find out why, for the reason code. A device
+        # revoked meanwhile is reported as such, even if that also deleted its challenge.
+        self._active_record(device_id)
         found = self.challenges.find(nonce)
         if found is None:
             raise VerificationError("unknown_nonce", "no challenge has this nonce")

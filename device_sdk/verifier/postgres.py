@@ -1,11 +1,11 @@
 """The device registry in PostgreSQL, shared by several verifier replicas.
 
 :class:`PostgresDeviceRegistry` has the semantics of
-:class:`~device_sdk.verifier.registry.SQLiteDeviceRegistry`, but without a record cache: every
+:class:`~device_sdk.verifier.registry.SQLiteDeviceRegistry`. Every
 :meth:`~PostgresDeviceRegistry.get` reads the row, so a revocation committed by one replica is
-seen by every other one at its next call. Concurrent writers are serialized with row locks
-(``SELECT ... FOR UPDATE``) and ``INSERT ... ON CONFLICT``, never by a read followed by a
-separate write.
+seen by every other one at its next call. Only ``get_unconfirmed`` answers from a cache.
+Concurrent writers are serialized with row locks (``SELECT ... FOR UPDATE``) and
+``INSERT ... ON CONFLICT``, never by a read followed by a separate write.
 
 Needs the ``postgres`` extra (psycopg 3).
 """
@@ -78,6 +78,8 @@ _REGISTRY_SCHEMA = (
     )
     """,
 )
+
+_RECORD_CACHE_SIZE = 10_000
 
 _TABLES = ("devices", "enrollment_tokens", "device_certificates", "pending_attestations")
 
@@ -222,6 +224,7 @@ class PostgresDeviceRegistry:
 
     def __init__(self, url: str) -> None:
         self._connections = _ThreadConnections(url)
+        self._active_records: dict[str, DeviceRecord] = {}
         try:
             self._open_schema()
         except BaseException:
@@ -292,8 +295,17 @@ class PostgresDeviceRegistry:
         return None if row is None else _record_from_row(row)
 
     def get_unconfirmed(self, device_id: str) -> DeviceRecord | None:
-        # There is no cache, so every record is read as get does.
-        return self.get(device_id)
+        # Active records are cached for this only: the verifier reads the device's status
+        # with get after it spends the nonce, and a device's key never changes.
+        cached = self._active_records.get(device_id)
+        if cached is not None:
+            return cached
+        record = self.get(device_id)
+        if record is not None and record.active:
+            if len(self._active_records) >= _RECORD_CACHE_SIZE:
+                self._active_records.clear()
+            self._active_records[device_id] = record
+        return record
 
     def list_devices(self) -> list[DeviceRecord]:
         # COLLATE "C" orders device ids bytewise, as SQLite does, whatever the database locale.

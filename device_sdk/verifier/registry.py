@@ -62,8 +62,9 @@ class DeviceRegistry(Protocol):
     def get_unconfirmed(self, device_id: str) -> DeviceRecord | None:
         """Return an active record, maybe from a cache that missed a later revocation.
 
-        Only for a caller that confirms the device is active in the same atomic step that acts
-        on it (see ``ChallengeStore.checks_device_status``). A device id is the hash of its
+        Only for a caller that confirms later that the device is active, either in the atomic
+        step that acts on it (see ``ChallengeStore.checks_device_status``) or by :meth:`get`
+        after that step. A device id is the hash of its
         public key, so the key and algorithm of a cached record are always right. Fields other
         than ``status`` may lag. A record that is not active is read again, as by :meth:`get`.
         """
