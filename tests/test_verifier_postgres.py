@@ -450,7 +450,7 @@ def test_status_only_revocation_after_key_cached_rejected(
     two_verifiers: tuple[Verifier, Verifier], postgres_database: str
 ) -> None:
     # The revocation commits after the verifier cached the device's key and before it spends
-    # the nonce, and it leaves the challenge in Redis: the status read after the spend sees it.
+    # the nonce, and it leaves the challenge in Redis. The status read after the spend finds it.
     first, second = two_verifiers
     device = enroll(first)
     second.verify_assertion(http_assertion(second, device), audience_kind="http")

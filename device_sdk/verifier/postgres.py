@@ -3,7 +3,7 @@
 :class:`PostgresDeviceRegistry` has the semantics of
 :class:`~device_sdk.verifier.registry.SQLiteDeviceRegistry`. Every
 :meth:`~PostgresDeviceRegistry.get` reads the row, so a revocation committed by one replica is
-seen by every other one at its next call. Only ``get_unconfirmed`` answers from a cache.
+seen by every other one at its next call. Only ``get_unconfirmed`` reads from a cache.
 Concurrent writers are serialized with row locks (``SELECT ... FOR UPDATE``) and
 ``INSERT ... ON CONFLICT``, never by a read followed by a separate write.
 
@@ -268,7 +268,7 @@ class PostgresDeviceRegistry:
         except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as exc:
             # A broken connection cannot run anything more: drop it, so the next call opens a
             # new one. Any other error leaves the connection usable, as it was. A read-only
-            # transaction means a standby answered, as during a failover.
+            # transaction means the connection reached a standby, as during a failover.
             reconnect = (
                 connection.broken
                 or connection.closed
