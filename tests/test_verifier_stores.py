@@ -27,7 +27,9 @@ from device_sdk.errors import ConfigError, StoreError, VerificationError
 from device_sdk.verifier import (
     ChallengeStore,
     MemoryChallengeStore,
+    RateLimit,
     RedisChallengeStore,
+    RedisTokenBucketLimiter,
     SQLiteChallengeStore,
     SQLiteDeviceRegistry,
     Verifier,
@@ -496,3 +498,61 @@ def test_consumed_challenges_not_dropped_for_cap(store: ChallengeStore) -> None:
         store.put(make_challenge(3001 + number))
 
     assert store.find(first.nonce) == (first, True)
+
+
+# Rate limits shared through Redis
+
+
+def test_redis_limiter_shared_between_instances(redis_client: Any) -> None:
+    limit = RateLimit(capacity=3, per_second=0.01)
+    first = RedisTokenBucketLimiter(redis_client, limit, name="shared", prefix="limits:")
+    second = RedisTokenBucketLimiter(redis_client, limit, name="shared", prefix="limits:")
+
+    taken = [first.try_acquire("d1"), second.try_acquire("d1"), first.try_acquire("d1")]
+    refused = second.try_acquire("d1")
+    waiting = first.retry_after("d1")
+
+    assert taken == [None, None, None]
+    assert refused is not None
+    assert 99 < refused <= 100
+    assert waiting is not None
+    assert 99 < waiting <= 100
+    assert first.retry_after("d2") is None
+    # Another name is another set of buckets.
+    other = RedisTokenBucketLimiter(redis_client, limit, name="other", prefix="limits:")
+    assert other.try_acquire("d1") is None
+
+
+def test_redis_limiter_refills(redis_client: Any) -> None:
+    limit = RateLimit(capacity=1, per_second=50.0)
+    limiter = RedisTokenBucketLimiter(redis_client, limit, name="refill", prefix="limits:")
+    assert limiter.try_acquire("d") is None
+    wait = limiter.try_acquire("d")
+    assert wait is not None
+    deadline = time.monotonic() + 10
+    while limiter.retry_after("d") is not None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert limiter.try_acquire("d") is None
+    # The bucket expires once it would be full again.
+    assert redis_client.ttl("limits:limit:refill:d") in (1, 2)
+
+
+def test_replicas_share_failure_limit(tmp_path: Path, redis_server: Any) -> None:
+    # Two verifiers on one Redis, as two replicas: failures at either count against one budget.
+    config = verifier_config(failure_limit_per_address=RateLimit(capacity=4, per_second=0.01))
+    replicas = [
+        Verifier.open(tmp_path / "verifier.db", config, redis_url=redis_server.url)
+        for _ in range(2)
+    ]
+    try:
+        reasons = []
+        for attempt in range(6):
+            with pytest.raises(VerificationError) as caught:
+                replicas[attempt % 2].verify_assertion(
+                    "not.an.assertion", audience_kind="http", client_address="203.0.113.9"
+                )
+            reasons.append(caught.value.reason)
+    finally:
+        for replica in replicas:
+            replica.close()
+    assert reasons == ["malformed"] * 4 + ["rate_limited"] * 2

@@ -5,7 +5,12 @@
 
 from device_sdk.verifier.config import VerifierConfig, channel_bindings_from_pem
 from device_sdk.verifier.core import AudienceKind, VerifiedAssertion, Verifier
-from device_sdk.verifier.ratelimit import RateLimit, TokenBucketLimiter
+from device_sdk.verifier.ratelimit import (
+    RateLimit,
+    RateLimiter,
+    RedisTokenBucketLimiter,
+    TokenBucketLimiter,
+)
 from device_sdk.verifier.registry import (
     DeviceRecord,
     DeviceRegistry,
@@ -28,7 +33,9 @@ __all__ = [
     "DeviceRegistry",
     "MemoryChallengeStore",
     "RateLimit",
+    "RateLimiter",
     "RedisChallengeStore",
+    "RedisTokenBucketLimiter",
     "SQLiteChallengeStore",
     "SQLiteDeviceRegistry",
     "TokenBucketLimiter",

@@ -36,7 +36,7 @@ from device_sdk.verifier.enrollment import (
     record_from_csr,
 )
 from device_sdk.verifier.jws import CompactJWS, parse_compact_jws
-from device_sdk.verifier.ratelimit import TokenBucketLimiter
+from device_sdk.verifier.ratelimit import RateLimit, RateLimiter, TokenBucketLimiter
 from device_sdk.verifier.registry import (
     ACTIVE,
     REVOKED,
@@ -131,8 +131,10 @@ class Verifier:
     ``registry`` stores device records and enrollment tokens, ``challenges`` the issued
     challenges. ``signing_key`` signs access tokens; without one, a fresh key is generated and
     lives only as long as this object (use :meth:`open` to keep it in a file). ``device_ca``,
-    if given, issues a client certificate to every enrolled device. ``clock`` returns Unix time
-    and exists for tests. All methods are safe to call from several threads.
+    if given, issues a client certificate to every enrolled device. ``limiter_factory(limit,
+    name)`` makes the rate limiters, in process memory by default; ``Verifier.open`` makes them
+    in Redis when the challenges are there, so replicas share the limits. ``clock`` returns Unix
+    time and exists for tests. All methods are safe to call from several threads.
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class Verifier:
         signing_key: ec.EllipticCurvePrivateKey | None = None,
         device_ca: DeviceCA | None = None,
         clock: Callable[[], float] = time.time,
+        limiter_factory: Callable[[RateLimit, str], RateLimiter] | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -162,23 +165,24 @@ class Verifier:
         self._checked_headers: dict[str, tuple[str, str]] = {}
         self._checks_lock = threading.Lock()
 
+        make_limiter = limiter_factory or (lambda limit, _name: TokenBucketLimiter(limit))
         self._challenge_per_device = (
-            TokenBucketLimiter(config.challenge_limit_per_device)
+            make_limiter(config.challenge_limit_per_device, "challenges-per-device")
             if config.challenge_limit_per_device
             else None
         )
         self._challenge_per_address = (
-            TokenBucketLimiter(config.challenge_limit_per_address)
+            make_limiter(config.challenge_limit_per_address, "challenges-per-address")
             if config.challenge_limit_per_address
             else None
         )
         self._failures_per_device = (
-            TokenBucketLimiter(config.failure_limit_per_device)
+            make_limiter(config.failure_limit_per_device, "failures-per-device")
             if config.failure_limit_per_device
             else None
         )
         self._failures_per_address = (
-            TokenBucketLimiter(config.failure_limit_per_address)
+            make_limiter(config.failure_limit_per_address, "failures-per-address")
             if config.failure_limit_per_address
             else None
         )
@@ -255,12 +259,17 @@ class Verifier:
             challenges.close()
             registry.close()
             raise
+        # Replicas that share the challenges in Redis share the rate limits there too.
+        shared_limits = (
+            challenges.rate_limiter if isinstance(challenges, RedisChallengeStore) else None
+        )
         return cls(
             config,
             registry=registry,
             challenges=challenges,
             signing_key=signing_key,
             device_ca=device_ca,
+            limiter_factory=shared_limits,
         )
 
     def close(self) -> None:

@@ -1,8 +1,9 @@
-"""Token-bucket rate limits kept in process memory.
+"""Token-bucket rate limits, in process memory or shared through Redis.
 
-Each verifier process counts on its own, so N replicas behind a load balancer allow up to N times
-the configured rate. That bounds abuse per replica, which is the point; a shared limit would need
-Redis.
+:class:`TokenBucketLimiter` counts in one process, so N verifier replicas behind a load balancer
+would allow up to N times the configured rate. :class:`RedisTokenBucketLimiter` keeps the
+buckets in Redis, so the replicas that share a Redis share the limits too. ``Verifier.open``
+uses it whenever the challenges are in Redis.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import redis
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,16 @@ class RateLimit:
                 f"rate limit needs capacity >= 1 and per_second > 0, got {self.capacity} and "
                 f"{self.per_second}"
             )
+
+
+class RateLimiter(Protocol):
+    """Per-key token buckets; every method is safe to call from several threads."""
+
+    def try_acquire(self, key: str) -> float | None:
+        """Take one token for ``key``; return None on success or the seconds until one is free."""
+
+    def retry_after(self, key: str) -> float | None:
+        """Return the seconds until ``key`` has a token, or None if it has one now (takes none)."""
 
 
 class TokenBucketLimiter:
@@ -85,3 +100,73 @@ class TokenBucketLimiter:
             ordered = sorted(self._buckets, key=lambda k: self._buckets[k][1])
             for key in ordered[: len(ordered) // 2]:
                 del self._buckets[key]
+
+
+# Refills the bucket in KEYS[1], a hash of the tokens and the time they were counted, and takes
+# one token if ARGV[3] is "1". The time is Redis's own, so replicas with skewed clocks agree.
+# Returns the seconds until a token is free, as a string, or false when one was available.
+# A bucket expires once it would be full again, so idle keys cost no memory.
+_BUCKET_SCRIPT = """
+local capacity = tonumber(ARGV[1])
+local per_second = tonumber(ARGV[2])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = capacity
+if state[1] then
+    tokens = math.min(capacity, tonumber(state[1]) + (now - tonumber(state[2])) * per_second)
+end
+if tokens < 1 then
+    return tostring((1 - tokens) / per_second)
+end
+if ARGV[3] == '1' then
+    tokens = tokens - 1
+    redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+    redis.call('EXPIRE', KEYS[1], math.ceil((capacity - tokens) / per_second) + 1)
+end
+return false
+"""
+
+
+class RedisTokenBucketLimiter:
+    """Per-key token buckets in Redis, shared by every verifier that uses the same Redis.
+
+    Each call is one Lua script, so concurrent takers in several processes never both take the
+    last token. A key without a bucket has a full one. A failed or unreachable Redis raises
+    :class:`~device_sdk.errors.StoreError` through ``errors``, as the challenge store does.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        limit: RateLimit,
+        *,
+        name: str,
+        prefix: str = "device-sdk:",
+        errors: Callable[[], Any] | None = None,
+    ) -> None:
+        self.limit = limit
+        self._prefix = f"{prefix}limit:{name}:"
+        self._script = client.register_script(_BUCKET_SCRIPT)
+        self._errors = errors
+
+    def _run(self, key: str, take: bool) -> float | None:
+        arguments: list[str | int] = [
+            self.limit.capacity,
+            repr(self.limit.per_second),
+            "1" if take else "0",
+        ]
+        if self._errors is None:
+            wait: Any = self._script(keys=[self._prefix + key], args=arguments)
+        else:
+            with self._errors():
+                wait = self._script(keys=[self._prefix + key], args=arguments)
+        return None if wait is None else float(wait)
+
+    def try_acquire(self, key: str) -> float | None:
+        """Take one token for ``key``; return None on success or the seconds until one is free."""
+        return self._run(key, take=True)
+
+    def retry_after(self, key: str) -> float | None:
+        """Return the seconds until ``key`` has a token, or None if it has one now (takes none)."""
+        return self._run(key, take=False)

@@ -35,6 +35,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from device_sdk.auth.challenge import Challenge
 from device_sdk.errors import ConfigError, StoreError
+from device_sdk.verifier.ratelimit import RateLimit, RedisTokenBucketLimiter
 from device_sdk.verifier.sqlite import ThreadConnections, open_connections
 
 if TYPE_CHECKING:
@@ -530,6 +531,12 @@ class RedisChallengeStore:
                 f"Redis at {self._name} failed: {exc}; check that it runs, and that "
                 f"{REDIS_PASSWORD_ENV} holds its password if it needs one"
             ) from exc
+
+    def rate_limiter(self, limit: RateLimit, name: str) -> RedisTokenBucketLimiter:
+        """Return token buckets named ``name`` in this Redis, shared by its other verifiers."""
+        return RedisTokenBucketLimiter(
+            self._redis, limit, name=name, prefix=self._prefix, errors=self._server_errors
+        )
 
     def ping(self) -> None:
         """Send PING to Redis; raise :class:`StoreError` if it fails."""
