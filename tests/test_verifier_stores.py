@@ -508,13 +508,13 @@ def test_redis_limiter_shared_between_instances(redis_client: Any) -> None:
     first = RedisTokenBucketLimiter(redis_client, limit, name="shared", prefix="limits:")
     second = RedisTokenBucketLimiter(redis_client, limit, name="shared", prefix="limits:")
 
-    taken = [first.try_acquire("d1"), second.try_acquire("d1"), first.try_acquire("d1")]
-    refused = second.try_acquire("d1")
+    acquired = [first.try_acquire("d1"), second.try_acquire("d1"), first.try_acquire("d1")]
+    wait_after_budget = second.try_acquire("d1")
     waiting = first.retry_after("d1")
 
-    assert taken == [None, None, None]
-    assert refused is not None
-    assert 99 < refused <= 100
+    assert acquired == [None, None, None]
+    assert wait_after_budget is not None
+    assert 99 < wait_after_budget <= 100
     assert waiting is not None
     assert 99 < waiting <= 100
     assert first.retry_after("d2") is None

@@ -61,8 +61,8 @@ class VerifierAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
                 f"verifier ({sorted(verifier.config.broker_audiences)}); pass one of them"
             )
 
-    def _session_refusal(self, username: str, session: Any) -> tuple[str, str] | None:
-        """Return the reason and detail to refuse a CONNECT for, before its password is checked."""
+    def _connect_rejection(self, username: str, session: Any) -> tuple[str, str] | None:
+        """Return the reason and detail to reject a CONNECT with, before its password is checked."""
         config = self.verifier.config
         if not config.client_id_allowed(username, getattr(session, "client_id", None)):
             return "wrong_client_id", "the MQTT client id does not start with the device id"
@@ -90,9 +90,9 @@ class VerifierAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
             )
             return False
 
-        refusal = self._session_refusal(username, session)
-        if refusal is not None:
-            reason, detail = refusal
+        rejection = self._connect_rejection(username, session)
+        if rejection is not None:
+            reason, detail = rejection
             log_decision(
                 "assertion",
                 "reject",

@@ -410,6 +410,12 @@ def register_broker_webhooks(
     whether a device id is active. Expose them only to the broker (loopback or a private network).
     """
 
+    async def read_emqx_body(request: Request) -> Mapping[str, Any]:
+        # EMQX sends JSON by default and a form when its authenticator is set up that way.
+        if _media_type(request) == FORM_TYPE:
+            return await read_form(request)
+        return await read_json_object(request)
+
     def allow(allowed: bool) -> PlainTextResponse:
         return PlainTextResponse("allow" if allowed else "deny")
 
@@ -584,11 +590,7 @@ def register_broker_webhooks(
 
     async def emqx_authz(request: Request) -> Response:
         named_broker(request)
-        body: Mapping[str, Any]
-        if _media_type(request) == FORM_TYPE:
-            body = await read_form(request)
-        else:
-            body = await read_json_object(request)
+        body = await read_emqx_body(request)
         username = require_string(body, "username")
         topic = require_string(body, "topic")
         action = require_string(body, "action")
@@ -600,12 +602,7 @@ def register_broker_webhooks(
 
     async def emqx(request: Request) -> Response:
         named_broker(request)
-        # EMQX sends JSON by default and a form when its authenticator is set up that way.
-        body: Mapping[str, Any]
-        if _media_type(request) == FORM_TYPE:
-            body = await read_form(request)
-        else:
-            body = await read_json_object(request)
+        body = await read_emqx_body(request)
         username = require_string(body, "username")
         password = require_string(body, "password")
         # Anyone who reaches this endpoint can write any peerhost. Charging failures to it

@@ -23,7 +23,14 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from device_sdk.errors import ConfigError, StoreError, VerificationError
-from device_sdk.verifier.registry import ACTIVE, REVOKED, DeviceRecord
+from device_sdk.verifier.registry import (
+    ACTIVE,
+    REVOKED,
+    DeviceRecord,
+    check_token,
+    record_from_row,
+    record_to_keep,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -128,20 +135,6 @@ def check_postgres_url(url: str) -> None:
         )
 
 
-def _record_from_row(row: tuple[Any, ...]) -> DeviceRecord:
-    return DeviceRecord(
-        device_id=row[0],
-        algorithm=row[1],
-        public_key_pem=row[2],
-        status=row[3],
-        backend=row[4],
-        hardware_backed=bool(row[5]),
-        enrolled_at=int(row[6]),
-        revoked_at=None if row[7] is None else int(row[7]),
-        attested=bool(row[8]),
-    )
-
-
 class _ThreadConnections:
     """One autocommit psycopg connection per thread, opened on first use and after a failure."""
 
@@ -150,11 +143,11 @@ class _ThreadConnections:
         self.target = describe_postgres_url(url)
         # Defaults for what the URL leaves out: a statement that runs too long is cancelled by
         # the server, and a server that stops acknowledging data fails the call on this side.
-        given = conninfo_to_dict(url)
+        url_options = conninfo_to_dict(url)
         self._options: dict[str, Any] = {}
-        if "options" not in given:
+        if "options" not in url_options:
             self._options["options"] = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
-        if "tcp_user_timeout" not in given:
+        if "tcp_user_timeout" not in url_options:
             self._options["tcp_user_timeout"] = STATEMENT_TIMEOUT_MS
         self._local = threading.local()
         self._all: set[psycopg.Connection[tuple[Any, ...]]] = set()
@@ -292,7 +285,7 @@ class PostgresDeviceRegistry:
             row = connection.execute(
                 _SELECT_DEVICES + " WHERE device_id = %s", (device_id,)
             ).fetchone()
-        return None if row is None else _record_from_row(row)
+        return None if row is None else record_from_row(row)
 
     def get_unconfirmed(self, device_id: str) -> DeviceRecord | None:
         # Active records are cached for this only: the verifier reads the device's status
@@ -313,7 +306,7 @@ class PostgresDeviceRegistry:
             rows = connection.execute(
                 _SELECT_DEVICES + ' ORDER BY enrolled_at, device_id COLLATE "C"'
             ).fetchall()
-        return [_record_from_row(row) for row in rows]
+        return [record_from_row(row) for row in rows]
 
     def set_status(self, device_id: str, status: str, now: int) -> DeviceRecord | None:
         if status not in (ACTIVE, REVOKED):
@@ -329,7 +322,7 @@ class PostgresDeviceRegistry:
                 "hardware_backed, enrolled_at, revoked_at, attested",
                 (status, status, revoked_at, device_id),
             ).fetchone()
-        return None if row is None else _record_from_row(row)
+        return None if row is None else record_from_row(row)
 
     def add_enrollment_token(
         self, token_hash: str, created_at: int, expires_at: int | None
@@ -358,33 +351,11 @@ class PostgresDeviceRegistry:
             "SELECT expires_at, used_by FROM enrollment_tokens WHERE token_hash = %s FOR UPDATE",
             (token_hash,),
         ).fetchone()
-        if token is None:
-            raise VerificationError("enrollment_token_invalid", "no such enrollment token")
-        expires_at, used_by = token
         # Locks the device row too, so that a revocation cannot commit in between.
         existing = self._locked_device(connection, record.device_id)
-
-        # Checked before the re-run case below: a revoked key sending its own spent token again
-        # would otherwise get its record back, and from a device CA a new client certificate.
-        if existing is not None and not existing.active:
-            raise VerificationError(
-                "revoked_device", "a revoked device cannot enroll again", device_id=record.device_id
-            )
-        if used_by is not None:
-            if used_by == record.device_id and existing is not None:
-                return self._mark_attested(connection, existing, record), False
-            raise VerificationError(
-                "enrollment_token_used",
-                "token was redeemed by another device",
-                device_id=record.device_id,
-            )
-        if expires_at is not None and now >= expires_at:
-            raise VerificationError("enrollment_token_invalid", "enrollment token expired")
-
-        if existing is not None:
-            # The key is enrolled already, so this token is not needed: it stays unspent for
-            # another device, and the caller gets the existing record.
-            return self._mark_attested(connection, existing, record), False
+        enrolled = record_to_keep(token, existing, record.device_id, now)
+        if enrolled is not None:
+            return self._mark_attested(connection, enrolled, record), False
 
         # The same key may be enrolling with another token at this moment. The insert waits
         # for that transaction, and if it committed, inserts nothing. This token then stays
@@ -433,7 +404,7 @@ class PostgresDeviceRegistry:
         row = connection.execute(
             _SELECT_DEVICES + " WHERE device_id = %s FOR UPDATE", (device_id,)
         ).fetchone()
-        return None if row is None else _record_from_row(row)
+        return None if row is None else record_from_row(row)
 
     def _mark_attested(
         self,
@@ -455,15 +426,7 @@ class PostgresDeviceRegistry:
                 "SELECT expires_at, used_by FROM enrollment_tokens WHERE token_hash = %s",
                 (token_hash,),
             ).fetchone()
-        if token is None:
-            raise VerificationError("enrollment_token_invalid", "no such enrollment token")
-        expires_at, used_by = token
-        if used_by is not None and used_by != device_id:
-            raise VerificationError(
-                "enrollment_token_used", "token was redeemed by another device", device_id=device_id
-            )
-        if used_by is None and expires_at is not None and now >= expires_at:
-            raise VerificationError("enrollment_token_invalid", "enrollment token expired")
+        check_token(token, device_id, now)
 
     def device_certificate(self, device_id: str) -> str | None:
         with self._connection() as connection:

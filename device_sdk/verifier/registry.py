@@ -170,7 +170,8 @@ def _add_attested_column(connection: sqlite3.Connection) -> None:
             raise
 
 
-def _record_from_row(row: tuple[Any, ...]) -> DeviceRecord:
+def record_from_row(row: tuple[Any, ...]) -> DeviceRecord:
+    """Build a record from the columns of ``_SELECT_DEVICES``, in SQLite or PostgreSQL."""
     return DeviceRecord(
         device_id=row[0],
         algorithm=row[1],
@@ -178,10 +179,57 @@ def _record_from_row(row: tuple[Any, ...]) -> DeviceRecord:
         status=row[3],
         backend=row[4],
         hardware_backed=bool(row[5]),
-        enrolled_at=row[6],
-        revoked_at=row[7],
+        enrolled_at=int(row[6]),
+        revoked_at=None if row[7] is None else int(row[7]),
         attested=bool(row[8]),
     )
+
+
+def check_token(token: tuple[Any, Any] | None, device_id: str, now: int) -> None:
+    """Raise the errors of an enrollment token row ``(expires_at, used_by)`` for ``device_id``.
+
+    A token already redeemed by this device passes even after its expiry, so that
+    provisioning can be re-run.
+    """
+    if token is None:
+        raise VerificationError("enrollment_token_invalid", "no such enrollment token")
+    expires_at, used_by = token
+    if used_by is not None and used_by != device_id:
+        raise VerificationError(
+            "enrollment_token_used", "token was redeemed by another device", device_id=device_id
+        )
+    if used_by is None and expires_at is not None and now >= expires_at:
+        raise VerificationError("enrollment_token_invalid", "enrollment token expired")
+
+
+def record_to_keep(
+    token: tuple[Any, Any] | None, existing: DeviceRecord | None, device_id: str, now: int
+) -> DeviceRecord | None:
+    """Apply the enrollment rules: return the enrolled record to keep, or None to create one.
+
+    ``token`` is the token's row ``(expires_at, used_by)`` and ``existing`` the record of the
+    key, if it is enrolled. Raises the errors that :meth:`DeviceRegistry.enroll` documents.
+    """
+    if token is None:
+        raise VerificationError("enrollment_token_invalid", "no such enrollment token")
+    expires_at, used_by = token
+    # Checked before the re-run case below: a revoked key sending its own spent token again
+    # would otherwise get its record back, and from a device CA a new client certificate.
+    if existing is not None and not existing.active:
+        raise VerificationError(
+            "revoked_device", "a revoked device cannot enroll again", device_id=device_id
+        )
+    if used_by is not None:
+        if used_by == device_id and existing is not None:
+            return existing
+        raise VerificationError(
+            "enrollment_token_used", "token was redeemed by another device", device_id=device_id
+        )
+    if expires_at is not None and now >= expires_at:
+        raise VerificationError("enrollment_token_invalid", "enrollment token expired")
+    # An enrolled key needs no token: this one stays unspent for another device, and the
+    # caller gets the existing record.
+    return existing
 
 
 class SQLiteDeviceRegistry:
@@ -235,7 +283,7 @@ class SQLiteDeviceRegistry:
         )
         if row is None:
             return None
-        record = _record_from_row(row)
+        record = record_from_row(row)
         with self._generation_lock:
             if len(self._records) >= _RECORD_CACHE_SIZE:
                 self._records.clear()
@@ -254,7 +302,7 @@ class SQLiteDeviceRegistry:
             .execute(_SELECT_DEVICES + " ORDER BY enrolled_at, device_id")
             .fetchall()
         )
-        return [_record_from_row(row) for row in rows]
+        return [record_from_row(row) for row in rows]
 
     def set_status(self, device_id: str, status: str, now: int) -> DeviceRecord | None:
         if status not in (ACTIVE, REVOKED):
@@ -298,35 +346,14 @@ class SQLiteDeviceRegistry:
             "SELECT expires_at, used_by FROM enrollment_tokens WHERE token_hash = ?",
             (token_hash,),
         ).fetchone()
-        if token is None:
-            raise VerificationError("enrollment_token_invalid", "no such enrollment token")
-        expires_at, used_by = token
         existing_row = connection.execute(
             _SELECT_DEVICES + " WHERE device_id = ?", (record.device_id,)
         ).fetchone()
-        existing = None if existing_row is None else _record_from_row(existing_row)
+        existing = None if existing_row is None else record_from_row(existing_row)
+        enrolled = record_to_keep(token, existing, record.device_id, now)
+        if enrolled is not None:
+            return self._mark_attested(connection, enrolled, record), False
 
-        # Checked before the re-run case below: a revoked key sending its own spent token again
-        # would otherwise get its record back, and from a device CA a new client certificate.
-        if existing is not None and not existing.active:
-            raise VerificationError(
-                "revoked_device", "a revoked device cannot enroll again", device_id=record.device_id
-            )
-        if used_by is not None:
-            if used_by == record.device_id and existing is not None:
-                return self._mark_attested(connection, existing, record), False
-            raise VerificationError(
-                "enrollment_token_used",
-                "token was redeemed by another device",
-                device_id=record.device_id,
-            )
-        if expires_at is not None and now >= expires_at:
-            raise VerificationError("enrollment_token_invalid", "enrollment token expired")
-
-        if existing is not None:
-            # The key is enrolled already, so this token is not needed: it stays unspent for
-            # another device, and the caller gets the existing record.
-            return self._mark_attested(connection, existing, record), False
         connection.execute(
             "UPDATE enrollment_tokens SET used_by = ?, used_at = ? WHERE token_hash = ?",
             (record.device_id, now, token_hash),
@@ -367,15 +394,7 @@ class SQLiteDeviceRegistry:
             )
             .fetchone()
         )
-        if token is None:
-            raise VerificationError("enrollment_token_invalid", "no such enrollment token")
-        expires_at, used_by = token
-        if used_by is not None and used_by != device_id:
-            raise VerificationError(
-                "enrollment_token_used", "token was redeemed by another device", device_id=device_id
-            )
-        if used_by is None and expires_at is not None and now >= expires_at:
-            raise VerificationError("enrollment_token_invalid", "enrollment token expired")
+        check_token(token, device_id, now)
 
     def device_certificate(self, device_id: str) -> str | None:
         row = (
